@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny local Qwen3 model and small offline datasets (no Hub, no GPU)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+from datasets import Dataset  # noqa: E402
+
+from trl_uniapl.tiny import build_tiny_model  # noqa: E402
+
+WORDS = "the sky is blue green red apple banana cat dog runs jumps fast slow river mountain sun moon star".split()
+
+
+def corpus():
+    lines = []
+    for i in range(400):
+        lines.append(" ".join(WORDS[(i * k) % len(WORDS)] for k in range(1, 12)))
+    return lines
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> str:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), corpus(), vocab_size=300)
+
+
+def make_prompts(n: int, conversational: bool = False, offset: int = 0) -> list:
+    prompts = [f"Tell me about the {WORDS[(i + offset) % len(WORDS)]} and the {WORDS[(3 * i) % len(WORDS)]}" for i in range(n)]
+    if conversational:
+        return [[{"role": "user", "content": p}] for p in prompts]
+    return prompts
+
+
+def make_completions(n: int, conversational: bool = False) -> list:
+    completions = [f"the {WORDS[(i + 5) % len(WORDS)]} is {WORDS[(i + 2) % len(WORDS)]}" for i in range(n)]
+    if conversational:
+        return [[{"role": "assistant", "content": c}] for c in completions]
+    return completions
+
+
+@pytest.fixture
+def preference_dataset() -> Dataset:
+    return Dataset.from_dict({"prompt": make_prompts(16), "topic": [WORDS[i % 5] for i in range(16)]})
+
+
+@pytest.fixture
+def demonstration_dataset() -> Dataset:
+    return Dataset.from_dict({"prompt": make_prompts(8, offset=7), "completion": make_completions(8)})
+
+
+def length_reward(completions, **kwargs):
+    """Varies within a group even for a random model, so advantages are non-zero."""
+    return [float(len(c if isinstance(c, str) else c[0]["content"])) / 50.0 for c in completions]
+
+
+def uniapl_args(output_dir, **overrides):
+    from trl_uniapl import UniAPLConfig
+
+    settings = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=12,
+        max_steps=3,
+        learning_rate=1e-2,
+        discriminator_learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return UniAPLConfig(**settings)

@@ -1,0 +1,274 @@
+"""Configuration of the UniAPL trainer: GRPOConfig plus the SFT, adversarial and discriminator knobs."""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig
+
+SFT_COEF_SCHEDULES = ("constant", "linear", "cosine")
+ADVERSARIAL_REWARDS = ("gail", "airl", "logd")
+ADVERSARIAL_COEF_MODES = ("fixed", "lagrangian")
+ADVERSARIAL_REWARD_SCOPES = ("all", "demonstrations")
+DISCRIMINATOR_LOSSES = ("bce", "bt")
+
+
+@dataclass
+class UniAPLConfig(GRPOConfig):
+    r"""
+    Configuration class for the [`UniAPLTrainer`].
+
+    Everything [`~trl.GRPOConfig`] accepts is accepted here and means the same thing. The extra fields configure the
+    three terms UniAPL adds to GRPO (see `method.md` and the README for the objective and which parts of it are a
+    reconstruction of arXiv 2509.25148):
+
+        L(θ) = L_GRPO(θ; advantages of r_task + λ·r_adv) + α(t)·L_SFT(θ; expert completions)
+
+    Parameters:
+        > Parameters that control the SFT term α(t)·L_SFT
+
+        sft_coef (`float`, *optional*, defaults to `1.0`):
+            Peak weight α of the negative log-likelihood of the expert completions. `0.0` disables the term.
+        sft_coef_schedule (`str`, *optional*, defaults to `"constant"`):
+            How α evolves with the optimizer step, CHORD-style (arXiv 2508.11408): `"constant"`, `"linear"` or
+            `"cosine"` decay from `sft_coef` to `sft_coef_final` over the steps after the warm-up.
+        sft_coef_warmup_steps (`int`, *optional*, defaults to `0`):
+            Steps over which α rises linearly from 0 to `sft_coef` (all schedules).
+        sft_coef_final (`float`, *optional*, defaults to `0.0`):
+            Value α decays to at the last step with the `"linear"` and `"cosine"` schedules.
+
+        > Parameters that control the adversarial reward λ·r_adv
+
+        adversarial_coef (`float`, *optional*, defaults to `0.1`):
+            Weight λ of the discriminator's reward, added to the task rewards before GRPO's group normalisation. In
+            `"lagrangian"` mode this is the initial value of the multiplier. `0.0` (with `"fixed"` mode) disables the
+            discriminator.
+        adversarial_reward (`str`, *optional*, defaults to `"gail"`):
+            Reward computed from the discriminator's probability D that a completion is the expert's: `"gail"`
+            (−log(1−D)), `"airl"` (logit D) or `"logd"` (log D).
+        adversarial_reward_clip (`float` or `None`, *optional*, defaults to `5.0`):
+            The adversarial reward is clipped to `[-clip, clip]`. `None` disables clipping.
+        adversarial_reward_scope (`str`, *optional*, defaults to `"all"`):
+            Which completions receive the adversarial reward: `"all"` (every prompt, so the expert's style shapes
+            exploration everywhere) or `"demonstrations"` (only prompts that have an expert completion).
+        adversarial_coef_mode (`str`, *optional*, defaults to `"fixed"`):
+            `"fixed"` keeps λ at `adversarial_coef`; `"lagrangian"` runs dual ascent
+            λ ← clip(λ + adversarial_coef_lr·(ĴS − divergence_target), 0, adversarial_coef_max) after every
+            discriminator update, with ĴS the discriminator's Jensen–Shannon estimate.
+        divergence_target (`float`, *optional*, defaults to `0.1`):
+            Constraint level ε on the Jensen–Shannon divergence (in nats, between 0 and log 2) for `"lagrangian"`.
+        adversarial_coef_lr (`float`, *optional*, defaults to `0.05`):
+            Dual learning rate η_λ for `"lagrangian"`.
+        adversarial_coef_max (`float`, *optional*, defaults to `1.0`):
+            Upper bound on λ for `"lagrangian"`.
+
+        > Parameters that control the discriminator D_φ
+
+        discriminator_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
+            Checkpoint of the discriminator, loaded with `AutoModelForSequenceClassification(num_labels=1)`. `None`
+            uses the policy's own checkpoint.
+        discriminator_init_kwargs (`dict` or `None`, *optional*, defaults to `None`):
+            Keyword arguments for the discriminator's `from_pretrained` (e.g. `{"dtype": "bfloat16"}`). Accepts a JSON
+            string on the command line. When the policy is quantized and these kwargs hold no `quantization_config`,
+            the discriminator gets the policy's quantization.
+        discriminator_loss (`str`, *optional*, defaults to `"bce"`):
+            `"bce"`: −log D(x, y_E) − log(1 − D(x, y_π)) (GAIL); `"bt"`: −log σ(s(x, y_E) − s(x, y_π)) on pairs of an
+            expert completion and a policy completion of the same prompt (Bradley–Terry, GAD arXiv 2511.10643).
+        discriminator_learning_rate (`float`, *optional*, defaults to `1e-5`):
+            Learning rate of the discriminator's own AdamW optimizer.
+        discriminator_weight_decay (`float`, *optional*, defaults to `0.0`):
+            Weight decay of the discriminator's optimizer.
+        discriminator_update_interval (`int`, *optional*, defaults to `1`):
+            Policy optimizer steps between two discriminator updates.
+        discriminator_steps (`int`, *optional*, defaults to `1`):
+            Discriminator optimizer steps at each update, on the same batch.
+        discriminator_warmup_steps (`int`, *optional*, defaults to `0`):
+            Policy steps during which the discriminator trains but λ is held at 0.
+        discriminator_label_smoothing (`float`, *optional*, defaults to `0.0`):
+            One-sided label smoothing of the expert label (`"bce"` only): the target is `1 - smoothing`.
+        discriminator_max_grad_norm (`float` or `None`, *optional*, defaults to `1.0`):
+            Gradient clipping of the discriminator. `None` disables it.
+        discriminator_collapse_patience (`int`, *optional*, defaults to `20`):
+            Number of consecutive discriminator updates with both accuracies ≥ 0.99 (it wins outright) or both
+            within 0.02 of 0.5 (it learns nothing) after which a collapse warning is logged.
+
+        > Parameters that control the data streams
+
+        demonstration_ratio (`float` or `None`, *optional*, defaults to `None`):
+            Share of the prompts of every generation batch that come from demonstrations. `None` means 0.5 when the
+            demonstrations come as a separate `demonstration_dataset`, and their natural share when they are mixed
+            into `train_dataset`. Whenever both kinds exist and the ratio is strictly between 0 and 1, every
+            generation batch holds at least one prompt of each kind.
+    """
+
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["discriminator_init_kwargs"]
+
+    # SFT term
+    sft_coef: float = field(
+        default=1.0,
+        metadata={"help": "Peak weight alpha of the NLL of the expert completions. 0 disables the SFT term."},
+    )
+    sft_coef_schedule: str = field(
+        default="constant",
+        metadata={
+            "help": "Schedule of alpha: 'constant', 'linear' or 'cosine' decay to `sft_coef_final`.",
+            "choices": list(SFT_COEF_SCHEDULES),
+        },
+    )
+    sft_coef_warmup_steps: int = field(
+        default=0, metadata={"help": "Steps over which alpha rises linearly from 0 to `sft_coef`."}
+    )
+    sft_coef_final: float = field(
+        default=0.0, metadata={"help": "Value alpha decays to at the last step ('linear' and 'cosine' schedules)."}
+    )
+
+    # Adversarial term
+    adversarial_coef: float = field(
+        default=0.1,
+        metadata={
+            "help": "Weight lambda of the discriminator reward (initial value in 'lagrangian' mode). 0 with 'fixed' "
+            "mode disables the discriminator."
+        },
+    )
+    adversarial_reward: str = field(
+        default="gail",
+        metadata={
+            "help": "Reward from the discriminator: 'gail' (-log(1-D)), 'airl' (logit D) or 'logd' (log D).",
+            "choices": list(ADVERSARIAL_REWARDS),
+        },
+    )
+    adversarial_reward_clip: float | None = field(
+        default=5.0, metadata={"help": "Clip the adversarial reward to [-clip, clip]. None disables clipping."}
+    )
+    adversarial_reward_scope: str = field(
+        default="all",
+        metadata={
+            "help": "Completions that get the adversarial reward: 'all' or only 'demonstrations' prompts.",
+            "choices": list(ADVERSARIAL_REWARD_SCOPES),
+        },
+    )
+    adversarial_coef_mode: str = field(
+        default="fixed",
+        metadata={
+            "help": "'fixed' lambda, or 'lagrangian' dual ascent on the discriminator's Jensen-Shannon estimate.",
+            "choices": list(ADVERSARIAL_COEF_MODES),
+        },
+    )
+    divergence_target: float = field(
+        default=0.1, metadata={"help": "Constraint level epsilon on the JS divergence (nats, in [0, log 2])."}
+    )
+    adversarial_coef_lr: float = field(default=0.05, metadata={"help": "Dual learning rate of lambda."})
+    adversarial_coef_max: float = field(default=1.0, metadata={"help": "Upper bound on lambda in 'lagrangian'."})
+
+    # Discriminator
+    discriminator_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Discriminator checkpoint (AutoModelForSequenceClassification, num_labels=1). None: the policy's."
+        },
+    )
+    discriminator_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments (dict or JSON string) for the discriminator's `from_pretrained`."},
+    )
+    discriminator_loss: str = field(
+        default="bce",
+        metadata={
+            "help": "'bce' (GAIL) or 'bt' (Bradley-Terry on expert/policy pairs of the same prompt).",
+            "choices": list(DISCRIMINATOR_LOSSES),
+        },
+    )
+    discriminator_learning_rate: float = field(default=1e-5, metadata={"help": "Discriminator learning rate."})
+    discriminator_weight_decay: float = field(default=0.0, metadata={"help": "Discriminator weight decay."})
+    discriminator_update_interval: int = field(
+        default=1, metadata={"help": "Policy optimizer steps between two discriminator updates."}
+    )
+    discriminator_steps: int = field(default=1, metadata={"help": "Discriminator optimizer steps per update."})
+    discriminator_warmup_steps: int = field(
+        default=0, metadata={"help": "Policy steps during which the discriminator trains but lambda is 0."}
+    )
+    discriminator_label_smoothing: float = field(
+        default=0.0, metadata={"help": "One-sided label smoothing of the expert label ('bce')."}
+    )
+    discriminator_max_grad_norm: float | None = field(
+        default=1.0, metadata={"help": "Gradient clipping of the discriminator. None disables it."}
+    )
+    discriminator_collapse_patience: int = field(
+        default=20, metadata={"help": "Consecutive degenerate discriminator updates before a collapse warning."}
+    )
+
+    # Streams
+    demonstration_ratio: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share of prompts per generation batch taken from demonstrations. None: 0.5 with a separate "
+            "demonstration dataset, the natural share when demonstrations are mixed into the train dataset."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+
+        def check_choice(name: str, choices: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+
+        check_choice("sft_coef_schedule", SFT_COEF_SCHEDULES)
+        check_choice("adversarial_reward", ADVERSARIAL_REWARDS)
+        check_choice("adversarial_reward_scope", ADVERSARIAL_REWARD_SCOPES)
+        check_choice("adversarial_coef_mode", ADVERSARIAL_COEF_MODES)
+        check_choice("discriminator_loss", DISCRIMINATOR_LOSSES)
+
+        for name in ("sft_coef", "sft_coef_final", "adversarial_coef", "adversarial_coef_lr"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}. Use 0 to disable the term.")
+        for name in ("sft_coef_warmup_steps", "discriminator_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        for name in ("discriminator_update_interval", "discriminator_steps", "discriminator_collapse_patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        if self.discriminator_learning_rate <= 0:
+            raise ValueError(
+                f"`discriminator_learning_rate` must be > 0, got {self.discriminator_learning_rate}. To switch the "
+                "discriminator off, set `adversarial_coef=0`."
+            )
+        if self.adversarial_reward_clip is not None and self.adversarial_reward_clip <= 0:
+            raise ValueError(
+                f"`adversarial_reward_clip` must be > 0 or None (no clipping), got {self.adversarial_reward_clip}."
+            )
+        if self.discriminator_max_grad_norm is not None and self.discriminator_max_grad_norm <= 0:
+            raise ValueError(
+                "`discriminator_max_grad_norm` must be > 0 or None (no clipping), got "
+                f"{self.discriminator_max_grad_norm}."
+            )
+        if not 0.0 <= self.discriminator_label_smoothing < 0.5:
+            raise ValueError(
+                f"`discriminator_label_smoothing` must be in [0, 0.5), got {self.discriminator_label_smoothing}."
+            )
+        if self.adversarial_coef_mode == "lagrangian":
+            if not 0.0 <= self.divergence_target <= 0.6931:
+                raise ValueError(
+                    f"`divergence_target` must be in [0, log 2 ≈ 0.693] nats, got {self.divergence_target}: the "
+                    "Jensen-Shannon divergence never exceeds log 2."
+                )
+            if self.adversarial_coef_max < self.adversarial_coef:
+                raise ValueError(
+                    f"`adversarial_coef_max` ({self.adversarial_coef_max}) must be >= the initial `adversarial_coef` "
+                    f"({self.adversarial_coef})."
+                )
+        if self.demonstration_ratio is not None and not 0.0 <= self.demonstration_ratio <= 1.0:
+            raise ValueError(
+                f"`demonstration_ratio` must be in [0, 1] (the share of prompts per generation batch that come from "
+                f"demonstrations), got {self.demonstration_ratio}. Use None for the default."
+            )
+        if self.discriminator_init_kwargs is not None and not isinstance(self.discriminator_init_kwargs, dict):
+            raise ValueError(
+                "`discriminator_init_kwargs` must be a dict or a JSON object string, got "
+                f"{type(self.discriminator_init_kwargs).__name__}."
+            )
+
+    @property
+    def uses_discriminator(self) -> bool:
+        """Whether the adversarial term can ever be non-zero, hence whether a discriminator is needed."""
+        return self.adversarial_coef > 0 or self.adversarial_coef_mode == "lagrangian"

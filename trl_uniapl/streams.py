@@ -1,0 +1,313 @@
+"""The two data streams of UniAPL: demonstrations (prompt + expert completion) and preference prompts.
+
+A demonstration is a row with a non-empty `completion`, in TRL's prompt-completion format (standard or
+conversational). Demonstrations come either mixed into `train_dataset` or as a separate `demonstration_dataset`;
+here both become one map-style dataset (`datasets.concatenate_datasets`) and a sampler that puts a fixed number of
+demonstration prompts into every generation batch.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset, Value, concatenate_datasets
+from torch.utils.data import Sampler
+
+logger = logging.getLogger(__name__)
+
+STANDARD, CONVERSATIONAL = "standard", "conversational"
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _message_format(messages: Any, dataset_name: str, index: int, field: str) -> str:
+    """Return the format of a conversational `field`, or raise a ValueError that names the row."""
+    where = f"{dataset_name} row {index}, field `{field}`"
+    if len(messages) == 0:
+        raise ValueError(f"{where} is an empty list of messages. Give at least one {{'role', 'content'}} message.")
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(
+                f"{where}: every message must be a dict with 'role' and 'content' keys, got {_describe(message)}."
+            )
+        if not isinstance(message["content"], (str, list)):
+            raise ValueError(
+                f"{where}: message content must be a string (or a list of content blocks), got "
+                f"{type(message['content']).__name__} {_describe(message['content'])}."
+            )
+    return CONVERSATIONAL
+
+
+def field_format(value: Any, dataset_name: str, index: int, field: str) -> str:
+    """Format (`"standard"` or `"conversational"`) of a prompt or completion value; raises on anything else."""
+    if isinstance(value, str):
+        return STANDARD
+    if isinstance(value, list):
+        return _message_format(value, dataset_name, index, field)
+    raise ValueError(
+        f"{dataset_name} row {index}, field `{field}`: expected a string (standard format) or a list of "
+        f"{{'role', 'content'}} messages (conversational format), got {type(value).__name__} {_describe(value)}."
+    )
+
+
+def _is_blank(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip() == ""
+    if isinstance(value, list):
+        return all(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and not m["content"].strip() for m in value
+        )
+    return False
+
+
+def validate_row(row: dict[str, Any], dataset_name: str, index: int, demonstration: bool) -> str:
+    """Check one row and return its format. A demonstration needs a prompt and a non-empty completion."""
+    if "prompt" not in row or row["prompt"] is None:
+        raise ValueError(
+            f"{dataset_name} row {index} has no `prompt`. Every row needs a `prompt` (a string or a list of "
+            "messages); demonstrations also need a non-empty `completion`."
+        )
+    prompt_format = field_format(row["prompt"], dataset_name, index, "prompt")
+    if _is_blank(row["prompt"]):
+        raise ValueError(
+            f"{dataset_name} row {index}, field `prompt` is empty. Give the prompt text or remove the row."
+        )
+    if not demonstration:
+        return prompt_format
+    completion = row.get("completion")
+    if completion is None:
+        raise ValueError(
+            f"{dataset_name} row {index} has no `completion`. Demonstration rows need the expert's completion; "
+            "prompt-only rows belong in `train_dataset`."
+        )
+    completion_format = field_format(completion, dataset_name, index, "completion")
+    if _is_blank(completion):
+        raise ValueError(
+            f"{dataset_name} row {index}, field `completion` is empty. A demonstration needs the expert's "
+            "non-empty completion; for a prompt without one, set `completion` to None (in `train_dataset`) or drop "
+            "the row."
+        )
+    if completion_format != prompt_format:
+        raise ValueError(
+            f"{dataset_name} row {index} mixes a {prompt_format} `prompt` with a {completion_format} `completion`. "
+            "Use strings for both (standard) or lists of messages for both (conversational)."
+        )
+    return prompt_format
+
+
+@dataclass
+class Streams:
+    """The merged training dataset and where each stream's rows are in it."""
+
+    dataset: Dataset | IterableDataset | None
+    preference_indices: list[int]
+    demonstration_indices: list[int]
+    format: str | None
+    separate_demonstrations: bool = False
+
+    @property
+    def has_demonstrations(self) -> bool:
+        return len(self.demonstration_indices) > 0
+
+
+def _check_formats(formats: dict[str, set[str]]) -> str | None:
+    found = {fmt: name for name, fmts in formats.items() for fmt in fmts}
+    if len(found) > 1:
+        raise ValueError(
+            f"Standard rows (e.g. in {found[STANDARD]}) are mixed with conversational rows (e.g. in "
+            f"{found[CONVERSATIONAL]}). All prompts and completions of both streams must use the same format: convert "
+            "strings to [{'role': 'user', 'content': ...}] messages or apply the chat template to all of them."
+        )
+    return next(iter(found), None)
+
+
+def _first_error_row(formats: list[str], fmt: str) -> int:
+    return next(i for i, f in enumerate(formats) if f != fmt)
+
+
+def _validate_dataset(dataset: Dataset, name: str, demonstration_mask: list[bool]) -> list[str]:
+    if "prompt" not in dataset.column_names:
+        raise ValueError(
+            f"{name} has no `prompt` column (columns: {dataset.column_names}). Rename the prompt column to `prompt`."
+        )
+    rows_formats = []
+    prompts = dataset["prompt"]
+    completions = dataset["completion"] if "completion" in dataset.column_names else [None] * len(dataset)
+    for index, (prompt, completion, is_demo) in enumerate(zip(prompts, completions, demonstration_mask, strict=True)):
+        row = {"prompt": prompt, "completion": completion}
+        rows_formats.append(validate_row(row, name, index, demonstration=is_demo))
+    if len(set(rows_formats)) > 1:
+        index = _first_error_row(rows_formats, rows_formats[0])
+        raise ValueError(
+            f"{name} row {index} is {rows_formats[index]} but row 0 is {rows_formats[0]}. All rows must use the same "
+            "format (strings, or lists of {'role', 'content'} messages)."
+        )
+    return rows_formats
+
+
+def _align_columns(dataset: Dataset, reference: Dataset) -> Dataset:
+    """Add the reference's missing columns as None (with the reference's feature type) so the two concatenate."""
+    for name, feature in reference.features.items():
+        if name not in dataset.column_names:
+            dataset = dataset.add_column(name, [None] * len(dataset), feature=feature)
+    return dataset
+
+
+def _demonstration_mask(dataset: Dataset) -> list[bool]:
+    if "completion" not in dataset.column_names:
+        return [False] * len(dataset)
+    return [completion is not None for completion in dataset["completion"]]
+
+
+def merge_streams(
+    train_dataset: Dataset | IterableDataset | None,
+    demonstration_dataset: Dataset | None,
+) -> Streams:
+    """
+    Validate both streams and merge them into one dataset.
+
+    In `train_dataset`, a row whose `completion` is not None is a demonstration; a row with no `completion` (or None)
+    is a preference prompt. Every row of `demonstration_dataset` is a demonstration. Raises a ValueError naming the
+    dataset, row and field for any malformed row.
+    """
+    if isinstance(demonstration_dataset, IterableDataset):
+        raise ValueError(
+            "`demonstration_dataset` is an IterableDataset; UniAPL needs a map-style `datasets.Dataset` to guarantee "
+            "that every generation batch holds demonstrations. Load it without `streaming=True`, or mix the "
+            "demonstrations into `train_dataset` as rows with a `completion`."
+        )
+    if isinstance(train_dataset, IterableDataset) or train_dataset is None:
+        if demonstration_dataset is not None:
+            raise ValueError(
+                "A `demonstration_dataset` needs a map-style `train_dataset` (a `datasets.Dataset`, not an "
+                "IterableDataset or None) to be merged with."
+            )
+        # Streaming rows are validated batch by batch during training.
+        return Streams(train_dataset, [], [], None)
+
+    train_mask = _demonstration_mask(train_dataset)
+    formats = {"train_dataset": set(_validate_dataset(train_dataset, "train_dataset", train_mask))}
+    if demonstration_dataset is None:
+        merged = train_dataset
+        demonstration_mask = train_mask
+    else:
+        if "completion" not in demonstration_dataset.column_names:
+            raise ValueError(
+                f"demonstration_dataset has no `completion` column (columns: {demonstration_dataset.column_names}). "
+                "Demonstrations are prompt-completion rows: rename the expert answer column to `completion`."
+            )
+        formats["demonstration_dataset"] = set(
+            _validate_dataset(demonstration_dataset, "demonstration_dataset", [True] * len(demonstration_dataset))
+        )
+        _check_formats(formats)
+        left = _align_columns(train_dataset, demonstration_dataset)
+        right = _align_columns(demonstration_dataset, train_dataset)
+        if "completion" in left.features and left.features["completion"] == Value("null"):
+            left = left.cast_column("completion", right.features["completion"])
+        merged = concatenate_datasets([left, right.cast(left.features)])
+        demonstration_mask = train_mask + [True] * len(demonstration_dataset)
+
+    fmt = _check_formats(formats)
+    demonstration_indices = [i for i, is_demo in enumerate(demonstration_mask) if is_demo]
+    preference_indices = [i for i, is_demo in enumerate(demonstration_mask) if not is_demo]
+    logger.info(
+        "UniAPL streams: %d preference prompts and %d demonstrations (%s format).",
+        len(preference_indices),
+        len(demonstration_indices),
+        fmt,
+    )
+    return Streams(merged, preference_indices, demonstration_indices, fmt, demonstration_dataset is not None)
+
+
+def demonstrations_per_batch(streams: Streams, prompts_per_batch: int, demonstration_ratio: float | None) -> int:
+    """Number of demonstration prompts in each generation batch of `prompts_per_batch` unique prompts."""
+    num_demos, num_prefs = len(streams.demonstration_indices), len(streams.preference_indices)
+    if num_demos == 0:
+        return 0
+    if num_prefs == 0:
+        return prompts_per_batch
+    if demonstration_ratio is None:
+        demonstration_ratio = 0.5 if streams.separate_demonstrations else num_demos / (num_demos + num_prefs)
+    count = round(demonstration_ratio * prompts_per_batch)
+    if 0.0 < demonstration_ratio < 1.0:
+        # Both kinds exist and both were asked for: every generation batch must hold both.
+        count = min(max(count, 1), prompts_per_batch - 1)
+    return count
+
+
+class MixedRepeatSampler(Sampler[int]):
+    """
+    TRL's `RepeatSampler` over two streams: every chunk of `batch_size` unique prompts holds exactly
+    `num_demonstrations` demonstration prompts, spread evenly over the chunk so that each process's contiguous slice of
+    the generation batch gets its share. Each index is repeated `mini_repeat_count` times in a row (one group of
+    generations) and each chunk `repeat_count` times (for `steps_per_generation` and `num_iterations`), exactly as in
+    `RepeatSampler`.
+
+    One epoch is one pass over the preference prompts (or over the demonstrations when there are no preference
+    prompts); the other stream is cycled, reshuffled at each cycle. The order depends only on `seed` and the epoch
+    (`set_epoch`), so a resumed run sees the same rows as an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        preference_indices: list[int],
+        demonstration_indices: list[int],
+        num_demonstrations: int,
+        mini_repeat_count: int,
+        batch_size: int,
+        repeat_count: int = 1,
+        shuffle: bool = True,
+        seed: int = 0,
+    ):
+        if not 0 <= num_demonstrations <= batch_size:
+            raise ValueError(f"num_demonstrations={num_demonstrations} must be in [0, batch_size={batch_size}].")
+        if num_demonstrations > 0 and not demonstration_indices:
+            raise ValueError("num_demonstrations > 0 but there are no demonstrations.")
+        if num_demonstrations < batch_size and not preference_indices:
+            raise ValueError("Preference prompts are requested but there are none.")
+        self.preference_indices = list(preference_indices)
+        self.demonstration_indices = list(demonstration_indices)
+        self.num_demonstrations = num_demonstrations
+        self.mini_repeat_count = mini_repeat_count
+        self.batch_size = batch_size
+        self.repeat_count = repeat_count
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        num_preferences = batch_size - num_demonstrations
+        if num_preferences > 0:
+            self.num_batches = len(self.preference_indices) // num_preferences
+        else:
+            self.num_batches = len(self.demonstration_indices) // num_demonstrations
+        # Where the demonstrations sit in a chunk: evenly spread (Bresenham), e.g. 3 of 8 -> slots 2, 5, 7.
+        self.demonstration_slots = [
+            (slot + 1) * num_demonstrations // batch_size - slot * num_demonstrations // batch_size == 1
+            for slot in range(batch_size)
+        ]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _cycle(self, indices: list[int], generator: torch.Generator):
+        while True:
+            order = torch.randperm(len(indices), generator=generator).tolist() if self.shuffle else range(len(indices))
+            yield from (indices[i] for i in order)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1  # the next pass differs even if nobody calls set_epoch
+        preferences = self._cycle(self.preference_indices, generator) if self.preference_indices else None
+        demonstrations = self._cycle(self.demonstration_indices, generator) if self.demonstration_indices else None
+        for _ in range(self.num_batches):
+            chunk = [next(demonstrations) if is_demo else next(preferences) for is_demo in self.demonstration_slots]
+            for _ in range(self.repeat_count):
+                for index in chunk:
+                    for _ in range(self.mini_repeat_count):
+                        yield index
+
+    def __len__(self) -> int:
+        return self.num_batches * self.batch_size * self.mini_repeat_count * self.repeat_count

@@ -27,7 +27,9 @@ def tiny_model_path(tmp_path_factory) -> str:
 
 
 def make_prompts(n: int, conversational: bool = False, offset: int = 0) -> list:
-    prompts = [f"Tell me about the {WORDS[(i + offset) % len(WORDS)]} and the {WORDS[(3 * i) % len(WORDS)]}" for i in range(n)]
+    prompts = [
+        f"Tell me about the {WORDS[(i + offset) % len(WORDS)]} and the {WORDS[(3 * i) % len(WORDS)]}" for i in range(n)
+    ]
     if conversational:
         return [[{"role": "user", "content": p}] for p in prompts]
     return prompts

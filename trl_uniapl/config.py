@@ -1,5 +1,6 @@
 """Configuration of the UniAPL trainer: GRPOConfig plus the SFT, adversarial and discriminator knobs."""
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -206,6 +207,15 @@ class UniAPLConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        # TrainingArguments parses JSON-string dict fields with a bare JSONDecodeError; name the field instead.
+        if isinstance(self.discriminator_init_kwargs, str):
+            try:
+                json.loads(self.discriminator_init_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"`discriminator_init_kwargs` is not valid JSON ({error}): {self.discriminator_init_kwargs!r}. "
+                    'Example: \'{"dtype": "bfloat16"}\'.'
+                ) from error
         super().__post_init__()
 
         def check_choice(name: str, choices: tuple[str, ...]) -> None:

@@ -1,0 +1,503 @@
+"""UniAPLTrainer on a tiny local model: training, drop-in equivalence with GRPOTrainer, LoRA/4-bit, checkpoints."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from conftest import length_reward, make_completions, make_prompts, uniapl_args
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from trl import GRPOConfig, GRPOTrainer
+
+from trl_uniapl import UniAPLConfig, UniAPLTrainer
+from trl_uniapl.streams import MixedRepeatSampler
+
+UNIAPL_METRICS = [
+    "sft/loss",
+    "sft/coef",
+    "expert/logp",
+    "expert/mean_length",
+    "discriminator/loss",
+    "discriminator/acc_real",
+    "discriminator/acc_fake",
+    "discriminator/js_estimate",
+    "adversarial/reward_mean",
+    "adversarial/coef",
+    "rewards/adversarial/mean",
+    "completions/mean_length",
+]
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def changed(before: dict[str, torch.Tensor], model, names=None) -> dict[str, bool]:
+    return {
+        name: not torch.equal(before[name], param)
+        for name, param in model.named_parameters()
+        if names is None or name in names
+    }
+
+
+def test_trains_policy_and_discriminator_and_logs_metrics(
+    tmp_path, tiny_model_path, preference_dataset, demonstration_dataset
+):
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=uniapl_args(tmp_path),
+        train_dataset=preference_dataset,
+        demonstration_dataset=demonstration_dataset,
+    )
+    policy_before = snapshot(trainer.model)
+    discriminator_before = snapshot(trainer.discriminator.model)
+    trainer.train()
+
+    policy_changed = changed(policy_before, trainer.model)
+    assert all(policy_changed.values()), [n for n, c in policy_changed.items() if not c]
+    discriminator_changed = changed(discriminator_before, trainer.discriminator.model)
+    assert all(discriminator_changed.values()), [n for n, c in discriminator_changed.items() if not c]
+
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 3
+    for key in UNIAPL_METRICS:
+        values = [entry[key] for entry in logs]
+        assert all(math.isfinite(v) for v in values), (key, values)
+    assert all(entry["adversarial/coef"] == pytest.approx(0.1) for entry in logs)
+    assert trainer.reward_func_names[-1] == "adversarial"
+
+
+def test_every_generation_batch_mixes_both_streams(tmp_path, tiny_model_path, preference_dataset):
+    demonstrations = Dataset.from_dict({"prompt": make_prompts(6, offset=3), "completion": make_completions(6)})
+    args = uniapl_args(tmp_path, per_device_train_batch_size=16, demonstration_ratio=0.25, adversarial_coef=0.0)
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=preference_dataset,
+        demonstration_dataset=demonstrations,
+    )
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, MixedRepeatSampler)
+    indices = list(sampler)
+    batch = args.generation_batch_size
+    num_preferences = len(preference_dataset)
+    for start in range(0, len(indices), batch):
+        chunk = indices[start : start + batch]
+        num_demo_rows = sum(index >= num_preferences for index in chunk)
+        assert num_demo_rows == 1 * args.num_generations  # round(0.25 * 4 prompts) = 1 demonstration prompt
+    # One epoch is one pass over the preference prompts: each is drawn at most once (the incomplete last chunk of
+    # 16 % 3 = 1 prompt is dropped, as in TRL's RepeatSampler).
+    repeats = args.num_generations * args.steps_per_generation
+    preference_draws = [i for i in indices[::repeats] if i < num_preferences]
+    assert len(preference_draws) == len(set(preference_draws)) == 15
+
+
+def test_sft_term_alone_lowers_demonstration_nll(tmp_path, tiny_model_path, demonstration_dataset):
+    def constant_reward(completions, **kwargs):
+        return [1.0] * len(completions)  # zero advantages: only the SFT term moves the policy
+
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=constant_reward,
+        args=uniapl_args(tmp_path, adversarial_coef=0.0, max_steps=6, learning_rate=5e-3),
+        train_dataset=demonstration_dataset,  # demonstrations mixed into the training set
+    )
+    assert trainer.discriminator is None
+
+    def demonstration_nll() -> float:
+        tokenizer = trainer.processing_class
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for row in demonstration_dataset:
+                prompt_ids = tokenizer(row["prompt"])["input_ids"]
+                completion_ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"]
+                ids = torch.tensor([prompt_ids + completion_ids + [tokenizer.eos_token_id]])
+                logits = trainer.model(ids).logits[0, :-1].float()
+                logps = torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0]
+                total -= logps[len(prompt_ids) - 1 :].sum().item()
+                count += len(completion_ids) + 1
+        return total / count
+
+    before = demonstration_nll()
+    trainer.train()
+    after = demonstration_nll()
+    assert after < before - 0.5, (before, after)
+    sft_losses = [entry["sft/loss"] for entry in trainer.state.log_history if "sft/loss" in entry]
+    assert sft_losses[-1] < sft_losses[0]
+
+
+def _loss_history(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@pytest.mark.parametrize("config_class", ["grpo", "uniapl"])
+def test_drop_in_equals_grpo_trainer(tmp_path, tiny_model_path, preference_dataset, config_class):
+    common = dict(
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=12,
+        max_steps=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        beta=0.04,
+        loss_type="grpo",
+        disable_tqdm=True,
+    )
+    grpo = GRPOTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=GRPOConfig(output_dir=str(tmp_path / "grpo"), **common),
+        train_dataset=preference_dataset,
+    )
+    grpo.train()
+    if config_class == "grpo":
+        args = GRPOConfig(output_dir=str(tmp_path / "uniapl"), **common)
+    else:
+        args = UniAPLConfig(output_dir=str(tmp_path / "uniapl"), sft_coef=0.0, adversarial_coef=0.0, **common)
+    uniapl = UniAPLTrainer(
+        model=tiny_model_path, reward_funcs=length_reward, args=args, train_dataset=preference_dataset
+    )
+    uniapl.train()
+
+    assert _loss_history(uniapl) == _loss_history(grpo)
+    assert len(_loss_history(grpo)) == 3
+    grpo_params = dict(grpo.model.named_parameters())
+    for name, param in uniapl.model.named_parameters():
+        assert torch.equal(param, grpo_params[name]), name
+    assert uniapl.discriminator is None
+    assert not any(key.startswith(("sft/", "discriminator/")) for e in uniapl.state.log_history for key in e)
+
+
+def test_lora_policy_and_discriminator(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset):
+    from peft import LoraConfig
+
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=uniapl_args(tmp_path),
+        train_dataset=preference_dataset,
+        demonstration_dataset=demonstration_dataset,
+        peft_config=peft_config,
+    )
+    policy_before = snapshot(trainer.model)
+    discriminator_before = snapshot(trainer.discriminator.model)
+    trainer.train()
+
+    for model, before in ((trainer.model, policy_before), (trainer.discriminator.model, discriminator_before)):
+        for name, was_changed in changed(before, model).items():
+            if "lora_" in name:
+                assert was_changed, f"adapter weight {name} did not change"
+            elif "score" in name and "modules_to_save" in name:
+                assert was_changed, f"score head {name} did not train"
+            elif "base_layer" in name or "embed_tokens" in name or "layernorm" in name:
+                assert not was_changed, f"base weight {name} changed"
+
+
+def test_4bit_lora_trains_end_to_end(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset):
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+
+    quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=uniapl_args(tmp_path, max_steps=2),
+        train_dataset=preference_dataset,
+        demonstration_dataset=demonstration_dataset,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        quantization_config=quantization_config,
+    )
+    assert getattr(trainer.discriminator.model, "is_loaded_in_4bit", False) or any(
+        "4bit" in type(m).__name__ for m in trainer.discriminator.model.modules()
+    )
+    policy_before = snapshot(trainer.model)
+    discriminator_before = snapshot(trainer.discriminator.model)
+    trainer.train()
+    assert any(v for n, v in changed(policy_before, trainer.model).items() if "lora_" in n)
+    assert any(v for n, v in changed(discriminator_before, trainer.discriminator.model).items() if "lora_" in n)
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(math.isfinite(entry["sft/loss"]) for entry in logs)
+
+
+def test_conversational_demonstrations_render_like_the_policy_prompt(tmp_path, tiny_model_path):
+    prompts = make_prompts(8, conversational=True)
+    preference = Dataset.from_dict({"prompt": prompts})
+    demonstrations = Dataset.from_dict(
+        {"prompt": make_prompts(4, conversational=True, offset=2), "completion": make_completions(4, True)}
+    )
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=uniapl_args(tmp_path, max_steps=1),
+        train_dataset=preference,
+        demonstration_dataset=demonstrations,
+    )
+    row = demonstrations[0]
+    (expert_ids,) = trainer._tokenize_expert_completions([row], [True], "train")
+    tokenizer = trainer.processing_class
+    full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
+    prompt_text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(expert_ids) == full[len(prompt_text) :].rstrip("\n")
+    assert expert_ids[-1] == tokenizer.eos_token_id
+    trainer.train()
+    assert any("sft/loss" in entry for entry in trainer.state.log_history)
+
+
+def test_save_model_writes_a_reloadable_discriminator(
+    tmp_path, tiny_model_path, preference_dataset, demonstration_dataset
+):
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=uniapl_args(tmp_path, max_steps=1),
+        train_dataset=preference_dataset,
+        demonstration_dataset=demonstration_dataset,
+    )
+    trainer.train()
+    trainer.save_model()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "discriminator", num_labels=1)
+    for name, param in trainer.discriminator.model.named_parameters():
+        assert torch.equal(param, reloaded.state_dict()[name]), name
+    AutoTokenizer.from_pretrained(tmp_path / "discriminator")
+    card = (tmp_path / "README.md").read_text() if (tmp_path / "README.md").exists() else ""
+    trainer.create_model_card(model_name="tiny")
+    card = (tmp_path / "README.md").read_text()
+    assert "uniapl" in card and "2509.25148" in card
+
+
+def test_checkpoint_restores_discriminator_optimizer_and_lambda(
+    tmp_path, tiny_model_path, preference_dataset, demonstration_dataset
+):
+    args = uniapl_args(
+        tmp_path,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        adversarial_coef_mode="lagrangian",
+        adversarial_coef=0.2,
+        adversarial_coef_lr=0.5,
+        divergence_target=0.0,
+    )
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=preference_dataset,
+        demonstration_dataset=demonstration_dataset,
+    )
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-2"
+    assert (checkpoint / "uniapl_checkpoint_complete.json").exists()
+    saved_lambda = trainer.adversarial_coef
+    assert saved_lambda != 0.2  # dual ascent moved it
+    saved_weights = snapshot(trainer.discriminator.model)
+    saved_optimizer = trainer.discriminator.optimizer.state_dict()
+
+    resumed = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=uniapl_args(tmp_path, max_steps=2, adversarial_coef_mode="lagrangian", adversarial_coef=0.2),
+        train_dataset=preference_dataset,
+        demonstration_dataset=demonstration_dataset,
+    )
+    assert resumed.adversarial_coef == 0.2
+    resumed.create_optimizer_and_scheduler(num_training_steps=2)
+    resumed._load_optimizer_and_scheduler(str(checkpoint))
+    assert resumed.adversarial_coef == pytest.approx(saved_lambda)
+    assert resumed._discriminator_state["num_updates"] == 2
+    for name, param in resumed.discriminator.model.named_parameters():
+        assert torch.equal(param, saved_weights[name]), name
+    loaded_optimizer = resumed.discriminator.optimizer.state_dict()
+    for key, state in saved_optimizer["state"].items():
+        assert torch.equal(state["exp_avg"], loaded_optimizer["state"][key]["exp_avg"])
+        assert int(state["step"]) == int(loaded_optimizer["state"][key]["step"])
+    with open(checkpoint / "discriminator" / "discriminator_state.json") as f:
+        assert json.load(f)["adversarial_coef"] == pytest.approx(saved_lambda)
+
+
+def test_discriminator_with_its_own_tokenizer(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=uniapl_args(tmp_path, max_steps=1),
+        train_dataset=preference_dataset,
+        demonstration_dataset=demonstration_dataset,
+        discriminator_processing_class=tokenizer,
+    )
+    assert not trainer.discriminator.uses_policy_tokens
+    trainer.train()
+    assert any("discriminator/acc_real" in entry for entry in trainer.state.log_history)
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------------
+def build(tmp_path, model_path, train, demonstrations=None, **config):
+    return UniAPLTrainer(
+        model=model_path,
+        reward_funcs=length_reward,
+        args=uniapl_args(tmp_path, **config),
+        train_dataset=train,
+        demonstration_dataset=demonstrations,
+    )
+
+
+def test_demonstration_without_prompt(tmp_path, tiny_model_path, preference_dataset):
+    demonstrations = Dataset.from_dict({"prompt": ["a", None, "c"], "completion": ["x", "y", "z"]})
+    with pytest.raises(ValueError, match=r"demonstration_dataset row 1 has no `prompt`"):
+        build(tmp_path, tiny_model_path, preference_dataset, demonstrations)
+    no_column = Dataset.from_dict({"question": ["a"], "completion": ["x"]})
+    with pytest.raises(ValueError, match=r"demonstration_dataset has no `prompt` column.*Rename"):
+        build(tmp_path, tiny_model_path, preference_dataset, no_column)
+
+
+def test_demonstration_with_empty_completion(tmp_path, tiny_model_path, preference_dataset):
+    demonstrations = Dataset.from_dict({"prompt": ["a", "b", "c"], "completion": ["x", "y", "  "]})
+    with pytest.raises(ValueError, match=r"demonstration_dataset row 2, field `completion` is empty"):
+        build(tmp_path, tiny_model_path, preference_dataset, demonstrations)
+    mixed_in = Dataset.from_dict({"prompt": ["a", "b"], "completion": [None, ""]})
+    with pytest.raises(ValueError, match=r"train_dataset row 1, field `completion` is empty"):
+        build(tmp_path, tiny_model_path, mixed_in)
+
+
+def test_standard_mixed_with_conversational(tmp_path, tiny_model_path, preference_dataset):
+    demonstrations = Dataset.from_dict(
+        {"prompt": make_prompts(2, conversational=True), "completion": make_completions(2, conversational=True)}
+    )
+    with pytest.raises(ValueError, match=r"Standard rows .*train_dataset.* mixed with conversational rows"):
+        build(tmp_path, tiny_model_path, preference_dataset, demonstrations)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.5])
+def test_demonstration_ratio_out_of_range(tmp_path, ratio):
+    with pytest.raises(ValueError, match=r"`demonstration_ratio` must be in \[0, 1\]"):
+        uniapl_args(tmp_path, demonstration_ratio=ratio)
+
+
+def test_demonstration_ratio_without_demonstrations(tmp_path, tiny_model_path, preference_dataset):
+    with pytest.raises(ValueError, match=r"`demonstration_ratio=0.5` but no demonstrations were given"):
+        build(tmp_path, tiny_model_path, preference_dataset, demonstration_ratio=0.5, adversarial_coef=0.0)
+
+
+def test_adversarial_coef_without_demonstrations(tmp_path, tiny_model_path, preference_dataset):
+    with pytest.raises(ValueError, match=r"`adversarial_coef=0.1` .* needs expert demonstrations"):
+        build(tmp_path, tiny_model_path, preference_dataset)
+
+
+def test_discriminator_tokenizer_without_pad_or_eos(
+    tmp_path, tiny_model_path, preference_dataset, demonstration_dataset
+):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    tokenizer.pad_token = None
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match=r"discriminator's tokenizer .* has neither a pad token nor an eos token"):
+        UniAPLTrainer(
+            model=tiny_model_path,
+            reward_funcs=length_reward,
+            args=uniapl_args(tmp_path),
+            train_dataset=preference_dataset,
+            demonstration_dataset=demonstration_dataset,
+            discriminator_processing_class=tokenizer,
+        )
+    # With an eos but no pad, the eos becomes the pad token.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    tokenizer.pad_token = None
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=uniapl_args(tmp_path),
+        train_dataset=preference_dataset,
+        demonstration_dataset=demonstration_dataset,
+        discriminator_processing_class=tokenizer,
+    )
+    assert trainer.discriminator.processing_class.pad_token == tokenizer.eos_token
+    assert trainer.discriminator.model.config.pad_token_id == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("sft_coef_schedule", "exponential", r"`sft_coef_schedule` must be one of"),
+        ("adversarial_reward", "wgan", r"`adversarial_reward` must be one of"),
+        ("discriminator_loss", "hinge", r"`discriminator_loss` must be one of"),
+        ("sft_coef", -1.0, r"`sft_coef` must be >= 0"),
+        ("discriminator_update_interval", 0, r"`discriminator_update_interval` must be >= 1"),
+        ("discriminator_label_smoothing", 0.7, r"`discriminator_label_smoothing` must be in"),
+        ("discriminator_init_kwargs", "{not json", r"discriminator_init_kwargs|JSON|json"),
+    ],
+)
+def test_config_validation(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        uniapl_args(tmp_path, **{field: value})
+
+
+def test_lagrangian_divergence_target_out_of_range(tmp_path):
+    with pytest.raises(ValueError, match=r"`divergence_target` must be in \[0, log 2"):
+        uniapl_args(tmp_path, adversarial_coef_mode="lagrangian", divergence_target=1.0)
+
+
+def test_config_json_dict_field(tmp_path):
+    args = uniapl_args(tmp_path, discriminator_init_kwargs='{"dtype": "float32"}')
+    assert args.discriminator_init_kwargs == {"dtype": "float32"}
+
+
+def test_missing_discriminator_path(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset):
+    with pytest.raises(ValueError, match=r"Could not load the discriminator from .*does-not-exist"):
+        build(
+            tmp_path,
+            tiny_model_path,
+            preference_dataset,
+            demonstration_dataset,
+            discriminator_model_name_or_path=str(tmp_path / "does-not-exist"),
+        )
+
+
+def test_sft_coef_schedules(tmp_path, tiny_model_path, demonstration_dataset):
+    trainer = build(
+        tmp_path,
+        tiny_model_path,
+        demonstration_dataset,
+        adversarial_coef=0.0,
+        sft_coef=1.0,
+        sft_coef_final=0.2,
+        sft_coef_schedule="cosine",
+        sft_coef_warmup_steps=2,
+    )
+    trainer.state.max_steps = 12
+    coefs = [trainer.sft_coef_at(step) for step in range(12)]
+    assert coefs[0] == pytest.approx(0.5) and coefs[1] == pytest.approx(1.0)
+    assert coefs[2] == pytest.approx(1.0) and coefs[-1] > 0.2 and coefs[-1] < 0.25
+    assert all(a >= b for a, b in zip(coefs[1:], coefs[2:], strict=False))
+    trainer.args.sft_coef_schedule = "linear"
+    assert trainer.sft_coef_at(7) == pytest.approx(0.2 + 0.8 * (1 - 5 / 10))
+
+
+def test_plain_grpo_config_with_demonstrations_uses_uniapl_defaults(
+    tmp_path, tiny_model_path, preference_dataset, demonstration_dataset
+):
+    args = GRPOConfig(
+        output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=8,
+        num_generations=4, max_completion_length=8, max_steps=1,
+    )  # fmt: skip
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=preference_dataset,
+        demonstration_dataset=demonstration_dataset,
+    )
+    assert isinstance(trainer.args, UniAPLConfig)
+    assert trainer.args.sft_coef == 1.0 and trainer.discriminator is not None
+    assert os.path.basename(trainer.args.output_dir) == os.path.basename(str(tmp_path))

@@ -43,7 +43,7 @@ UNIAPL_PAPER = {
     "citation": """\
 @article{qian2025uniapl,
     title        = {{UniAPL: A Unified Adversarial Preference Learning Framework for Instruct-Following}},
-    author       = {Qian, FaQiang and others},
+    author       = {Qian and others},
     year         = 2025,
     eprint       = {arXiv:2509.25148},
 }""",

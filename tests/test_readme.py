@@ -1,0 +1,32 @@
+"""The README's Python snippet runs as written, and its test command is the one CI runs."""
+
+import os
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(marker: str) -> str:
+    text = README.read_text()
+    block = re.search(rf"<!-- {marker} -->\n```\w*\n(.*?)```\n<!-- /{marker} -->", text, re.S)
+    assert block, f"no {marker} block in README.md"
+    return block.group(1)
+
+
+def test_readme_snippet_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(readme_block("readme-snippet"), "README.md", "exec"), namespace)
+    trainer = namespace["trainer"]
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 4
+    assert all("sft/loss" in entry and "discriminator/acc_real" in entry for entry in logs)
+    assert os.path.isdir(tmp_path / "uniapl-snippet")
+
+
+def test_ci_runs_the_readme_test_command():
+    command = readme_block("ci:test-command")
+    assert "pytest" in command and "torch==2.13.0" in command
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "ci:test-command" in ci

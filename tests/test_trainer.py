@@ -501,3 +501,56 @@ def test_plain_grpo_config_with_demonstrations_uses_uniapl_defaults(
     assert isinstance(trainer.args, UniAPLConfig)
     assert trainer.args.sft_coef == 1.0 and trainer.discriminator is not None
     assert os.path.basename(trainer.args.output_dir) == os.path.basename(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"discriminator_loss": "bt", "adversarial_reward": "airl"},
+        {"adversarial_reward_scope": "demonstrations", "adversarial_reward": "logd"},
+        {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4, "num_iterations": 2},
+        {"steps_per_generation": 2, "per_device_train_batch_size": 4, "beta": 0.04, "loss_type": "grpo"},
+        {"discriminator_warmup_steps": 1, "discriminator_update_interval": 2, "discriminator_steps": 2},
+        {"scale_rewards": "batch", "multi_objective_aggregation": "normalize_then_sum", "loss_type": "bnpo"},
+    ],
+    ids=["bt-airl", "scope-demos-logd", "grad-accum-iterations", "steps-per-generation-beta", "d-schedule", "agg"],
+)
+def test_grpo_and_discriminator_options_train(
+    tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, options
+):
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=uniapl_args(tmp_path, max_steps=2, **options),
+        train_dataset=preference_dataset,
+        demonstration_dataset=demonstration_dataset,
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert math.isfinite(entry["loss"]) and "sft/coef" in entry
+    # sft/loss is logged for steps whose micro-batches hold a demonstration (with steps_per_generation=2 a step may
+    # hold none); discriminator metrics come with each generation (with num_iterations=2, every other step).
+    assert any(math.isfinite(entry.get("sft/loss", math.nan)) for entry in logs)
+    # Discriminator metrics come with each generation (with num_iterations=2, every other step).
+    assert math.isfinite(logs[0]["discriminator/acc_real"])
+    if "discriminator_warmup_steps" in options:
+        assert [entry["adversarial/coef"] for entry in logs] == [0.0, 0.1]
+        assert trainer._discriminator_state["num_updates"] == 1  # interval 2: updated at step 0 only
+
+
+def test_evaluation_with_demonstrations(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset):
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=uniapl_args(tmp_path, max_steps=1, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8),
+        train_dataset=preference_dataset,
+        demonstration_dataset=demonstration_dataset,
+        eval_dataset=demonstration_dataset,
+    )
+    trainer.train()
+    evaluation = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert evaluation and math.isfinite(evaluation[0]["eval_sft/loss"])
+    assert math.isfinite(evaluation[0]["eval_discriminator/acc_real"])
+    assert trainer._discriminator_state["num_updates"] == 1  # evaluation never trains the discriminator

@@ -13,7 +13,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import apply_chat_template, is_conversational
 from trl.trainer.utils import get_config_model_id, is_async_callable, selective_log_softmax
@@ -624,10 +624,19 @@ class UniAPLTrainer(GRPOTrainer):
                 **self._discriminator_state}  # fmt: skip
 
     def _save_checkpoint(self, model, trial):
-        checkpoint_dir = os.path.join(
-            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        )
-        super()._save_checkpoint(model, trial)
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        marker = os.path.join(checkpoint_dir, COMPLETE_MARKER)
+        if self.args.should_save and os.path.exists(marker):
+            os.remove(marker)  # overwriting an older checkpoint of the same step: incomplete until rewritten
+        # The parent deletes older checkpoints (save_total_limit) before returning: rotate only once this one is
+        # complete, so that an interruption while writing it never leaves the run without a complete checkpoint.
+        save_total_limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = save_total_limit
         if not self.args.should_save:
             return
         if self.discriminator is not None:
@@ -635,8 +644,14 @@ class UniAPLTrainer(GRPOTrainer):
                 os.path.join(checkpoint_dir, DISCRIMINATOR_DIR), self._uniapl_state()
             )
         # Written last: a checkpoint without it was interrupted while being written.
-        with open(os.path.join(checkpoint_dir, COMPLETE_MARKER), "w") as f:
+        with open(marker, "w") as f:
             json.dump({"global_step": self.state.global_step}, f)
+        rotate_checkpoints(
+            output_dir=run_dir,
+            save_total_limit=save_total_limit,
+            best_model_checkpoint=self.state.best_model_checkpoint,
+            use_mtime=True,
+        )
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -6,6 +6,7 @@ weights. It is trained in alternation with the policy (GAIL, Ho & Ermon 2016; GA
 completions of a batch (real) against the policy's completions of the same prompts (fake, detached).
 """
 
+import contextlib
 import copy
 import json
 import logging
@@ -265,6 +266,24 @@ class Discriminator:
             return json.load(f)
 
 
+@contextlib.contextmanager
+def outside_zero3_init():
+    """Load with DeepSpeed ZeRO-3's `zero.Init` switched off: under ZeRO-3 `from_pretrained` would otherwise partition
+    the discriminator's weights across ranks, but it is a plain module with its own optimizer that must hold its full
+    weights on every rank (its gradients are all-reduced explicitly)."""
+    try:
+        from transformers.integrations import deepspeed as hf_deepspeed
+    except ImportError:
+        yield
+        return
+    config_ref = getattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", None)
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = config_ref
+
+
 def load_discriminator_model(
     model_name_or_path: str,
     init_kwargs: dict[str, Any] | None,
@@ -277,7 +296,8 @@ def load_discriminator_model(
     if "quantization_config" not in init_kwargs:
         init_kwargs.setdefault("dtype", torch.float32)  # a full-weight discriminator trains in fp32 by default
     try:
-        return AutoModelForSequenceClassification.from_pretrained(model_name_or_path, num_labels=1, **init_kwargs)
+        with outside_zero3_init():
+            return AutoModelForSequenceClassification.from_pretrained(model_name_or_path, num_labels=1, **init_kwargs)
     except (OSError, ValueError) as error:
         raise ValueError(
             f"Could not load the discriminator from {model_name_or_path!r} as a sequence classifier: {error}. Set "

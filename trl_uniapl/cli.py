@@ -24,6 +24,8 @@ from typing import Any
 
 from datasets import Dataset
 
+STUDENT_MODEL = "student"
+"""Model name that stands for the embedded task's local student ([`trl_uniapl.student.build_student`], cached)."""
 EMBEDDED_DATASET = "embedded"
 """Dataset name that stands for the embedded IFEval-style task of [`trl_uniapl.task.make_splits`] (no Hub)."""
 
@@ -163,7 +165,9 @@ class EvaluateArguments:
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Model to evaluate (local directory or Hub id); default: the embedded task's student."},
+        metadata={
+            "help": "Model to evaluate (local directory, Hub id, or `student`); default: the embedded task's student."
+        },
     )
     dataset_name: str = field(
         default=EMBEDDED_DATASET,
@@ -191,10 +195,15 @@ class EvaluateArguments:
 # Loading helpers
 # --------------------------------------------------------------------------------------------------------------------
 def check_model_path(model_name_or_path: str | None) -> str:
-    """Return `model_name_or_path` if it is an existing directory or a plausible Hub id, else raise a clear
-    `ValueError` (a missing local path, or a Hub id that is not cached while offline)."""
+    """Return `model_name_or_path` if it is an existing directory or a plausible Hub id (`student` builds or loads the
+    embedded task's student), else raise a clear `ValueError` (a missing local path, or a Hub id that is not cached
+    while offline)."""
     if not model_name_or_path:
         raise ValueError("No model given: pass `--model_name_or_path <local directory or Hub id>`.")
+    if model_name_or_path == STUDENT_MODEL:
+        from .student import build_student
+
+        return build_student()
     path = Path(model_name_or_path).expanduser()
     if path.exists():
         if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
@@ -268,6 +277,37 @@ def check_columns(dataset: Dataset, required: Sequence[str], description: str, h
         raise ValueError(
             f"The {description} lacks the column(s) {missing}; it has {dataset.column_names}. {hint}".rstrip()
         )
+
+
+def _merge_feature(a: Any, b: Any) -> Any:
+    from datasets import List, Value
+
+    if a == Value("null"):
+        return b
+    if b == Value("null"):
+        return a
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {
+            key: _merge_feature(a[key], b[key]) if key in a and key in b else a.get(key, b.get(key))
+            for key in {**a, **b}
+        }
+    if isinstance(a, List) and isinstance(b, List):
+        return List(_merge_feature(a.feature, b.feature), length=a.length)
+    return a
+
+
+def align_features(first: Dataset, second: Dataset) -> tuple[Dataset, Dataset]:
+    """Give the columns the two datasets share one type, replacing types inferred as `null` (a JSON field that is
+    always null in one file, e.g. an IFEval `kwargs` key no row of that file uses) by the other dataset's type."""
+    from datasets import Features
+
+    shared = [name for name in first.column_names if name in second.column_names]
+    merged = {name: _merge_feature(first.features[name], second.features[name]) for name in shared}
+    results = []
+    for dataset in (first, second):
+        features = Features({**dataset.features, **merged})
+        results.append(dataset if features == dataset.features else dataset.cast(features))
+    return results[0], results[1]
 
 
 def resolve_reward_func(name: str) -> Callable:
@@ -349,6 +389,8 @@ def prepare_training(script_args: TrainScriptArguments, training_args, model_arg
             "Demonstrations are `prompt` + `completion` rows; the policy is also sampled and rewarded on their "
             "prompts.",
         )
+        if train_dataset is not None:
+            train_dataset, demonstration_dataset = align_features(train_dataset, demonstration_dataset)
         if train_dataset is None:  # demonstrations only: they are the whole training set
             train_dataset, demonstration_dataset = demonstration_dataset, None
     if training_args.eval_strategy != "no":
@@ -380,10 +422,10 @@ def prepare_training(script_args: TrainScriptArguments, training_args, model_arg
     }
 
 
-def train_main(argv: Sequence[str] | None = None) -> None:
-    """`trl-uniapl train`: UniAPL training from flags and/or a YAML `--config`."""
+def train_main(argv: Sequence[str] | None = None):
+    """`trl-uniapl train`: UniAPL training from flags and/or a YAML `--config`; returns the trainer."""
     script_args, training_args, model_args = make_train_parser().parse_args_and_config(args=argv)
-    run_training(script_args, training_args, model_args)
+    return run_training(script_args, training_args, model_args)
 
 
 def run_training(script_args: TrainScriptArguments, training_args, model_args):
@@ -459,12 +501,7 @@ def run_evaluate(args: EvaluateArguments) -> dict[str, Any]:
 
     from .evaluation import evaluate_ifeval, expert_logprob
 
-    if args.model_name_or_path is None:
-        from .student import build_student
-
-        model_path = build_student(show_progress=not args.no_progress)
-    else:
-        model_path = check_model_path(args.model_name_or_path)
+    model_path = check_model_path(args.model_name_or_path or STUDENT_MODEL)
     dataset = load_any_dataset(args.dataset_name, args.dataset_split, args.dataset_config, "eval", args.seed)
     check_columns(dataset, ["prompt", *IFEVAL_COLUMNS], f"dataset {args.dataset_name!r}", "It needs IFEval format.")
     if args.num_rows is not None:

@@ -155,8 +155,8 @@ def test_top_level_usage_and_module_entry():
     assert result.returncode == 0
     for command in ("train", "demo", "evaluate"):
         assert command in result.stdout
-    result = subprocess.run([sys.executable, "-m", "trl_uniapl", "frobnicate"], capture_output=True, text=True)
-    assert result.returncode != 0 and "unknown command" in result.stderr
+    with pytest.raises(SystemExit, match="unknown command"):
+        cli.main(["frobnicate"])
 
 
 def test_demo_quick_end_to_end(tmp_path, monkeypatch):

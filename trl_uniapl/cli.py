@@ -44,7 +44,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "learning_rate": 1e-3,
     "per_device_train_batch_size": 64,
     "num_generations": 2,
-    "num_iterations": 2,
+    "num_iterations": 4,
     "max_completion_length": 64,
     "demonstration_ratio": 0.75,
     "sft_coef": 1.0,
@@ -53,7 +53,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.05,
 }
-DEMO_MAX_STEPS, DEMO_QUICK_MAX_STEPS = 80, 4
+DEMO_MAX_STEPS, DEMO_QUICK_MAX_STEPS = 160, 4
 DEMO_NUM_EVAL, DEMO_QUICK_NUM_EVAL = 200, 16
 
 

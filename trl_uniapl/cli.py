@@ -598,14 +598,21 @@ def plot_distributions(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+
+    def shared_bins(samples: dict[str, Sequence[float]]) -> np.ndarray:
+        values = np.concatenate([np.asarray(v, dtype=float) for v in samples.values() if len(v)] or [np.zeros(1)])
+        return np.histogram_bin_edges(values, bins=25)
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    bins = shared_bins(lengths)
     for name, values in lengths.items():
-        left.hist(values, bins=20, alpha=0.5, label=name)
+        left.hist(values, bins=bins, alpha=0.5, label=name)
     left.set_title("Response length (tokens)")
     left.legend(fontsize=8)
+    bins = shared_bins(logprobs)
     for name, values in logprobs.items():
-        right.hist(values, bins=20, alpha=0.5, label=name)
+        right.hist(values, bins=bins, alpha=0.5, label=name)
     right.set_title("Mean token log-prob")
     right.legend(fontsize=8)
     figure.tight_layout()

@@ -554,3 +554,28 @@ def test_evaluation_with_demonstrations(tmp_path, tiny_model_path, preference_da
     assert evaluation and math.isfinite(evaluation[0]["eval_sft/loss"])
     assert math.isfinite(evaluation[0]["eval_discriminator/acc_real"])
     assert trainer._discriminator_state["num_updates"] == 1  # evaluation never trains the discriminator
+
+
+def test_streams_with_null_typed_columns_merge(tmp_path):
+    """A JSON field that is null in every row of one file is typed `null`; it takes the other stream's type."""
+    from trl_uniapl.streams import merge_streams
+
+    preference_file, demonstration_file = tmp_path / "preference.jsonl", tmp_path / "demonstrations.jsonl"
+    preference_file.write_text(
+        "\n".join(json.dumps({"prompt": f"p{i}", "kwargs": [{"keyword": None, "n": i}]}) for i in range(3))
+    )
+    demonstration_file.write_text(
+        "\n".join(
+            json.dumps({"prompt": f"d{i}", "completion": f"c{i}", "kwargs": [{"keyword": "sun", "n": None}]})
+            for i in range(2)
+        )
+    )
+    from datasets import load_dataset
+
+    preference = load_dataset("json", data_files=str(preference_file), split="train")
+    demonstrations = load_dataset("json", data_files=str(demonstration_file), split="train")
+    streams = merge_streams(preference, demonstrations)
+    assert streams.preference_indices == [0, 1, 2] and streams.demonstration_indices == [3, 4]
+    assert streams.dataset[4]["kwargs"] == [{"keyword": "sun", "n": None}]
+    assert streams.dataset[0]["kwargs"] == [{"keyword": None, "n": 0}]
+    assert streams.dataset[1]["completion"] is None and streams.dataset[3]["completion"] == "c0"

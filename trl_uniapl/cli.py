@@ -280,37 +280,6 @@ def check_columns(dataset: Dataset, required: Sequence[str], description: str, h
         )
 
 
-def _merge_feature(a: Any, b: Any) -> Any:
-    from datasets import List, Value
-
-    if a == Value("null"):
-        return b
-    if b == Value("null"):
-        return a
-    if isinstance(a, dict) and isinstance(b, dict):
-        return {
-            key: _merge_feature(a[key], b[key]) if key in a and key in b else a.get(key, b.get(key))
-            for key in {**a, **b}
-        }
-    if isinstance(a, List) and isinstance(b, List):
-        return List(_merge_feature(a.feature, b.feature), length=a.length)
-    return a
-
-
-def align_features(first: Dataset, second: Dataset) -> tuple[Dataset, Dataset]:
-    """Give the columns the two datasets share one type, replacing types inferred as `null` (a JSON field that is
-    always null in one file, e.g. an IFEval `kwargs` key no row of that file uses) by the other dataset's type."""
-    from datasets import Features
-
-    shared = [name for name in first.column_names if name in second.column_names]
-    merged = {name: _merge_feature(first.features[name], second.features[name]) for name in shared}
-    results = []
-    for dataset in (first, second):
-        features = Features({**dataset.features, **merged})
-        results.append(dataset if features == dataset.features else dataset.cast(features))
-    return results[0], results[1]
-
-
 def resolve_reward_func(name: str) -> Callable:
     """A reward function from a short name (`ifeval_dense`, `ifeval_strict`, `ifeval_loose`, with or without the
     `_reward` suffix) or a dotted import path (`package.module.function`, the current directory is importable)."""
@@ -390,8 +359,6 @@ def prepare_training(script_args: TrainScriptArguments, training_args, model_arg
             "Demonstrations are `prompt` + `completion` rows; the policy is also sampled and rewarded on their "
             "prompts.",
         )
-        if train_dataset is not None:
-            train_dataset, demonstration_dataset = align_features(train_dataset, demonstration_dataset)
         if train_dataset is None:  # demonstrations only: they are the whole training set
             train_dataset, demonstration_dataset = demonstration_dataset, None
     if training_args.eval_strategy != "no":

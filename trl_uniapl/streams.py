@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from datasets import Dataset, IterableDataset, Value, concatenate_datasets
+from datasets import Dataset, Features, IterableDataset, List, Value, concatenate_datasets
 from torch.utils.data import Sampler
 
 logger = logging.getLogger(__name__)
@@ -149,12 +149,43 @@ def _validate_dataset(dataset: Dataset, name: str, demonstration_mask: list[bool
     return rows_formats
 
 
-def _align_columns(dataset: Dataset, reference: Dataset) -> Dataset:
-    """Add the reference's missing columns as None (with the reference's feature type) so the two concatenate."""
-    for name, feature in reference.features.items():
-        if name not in dataset.column_names:
-            dataset = dataset.add_column(name, [None] * len(dataset), feature=feature)
-    return dataset
+def _merge_feature(first: Any, second: Any) -> Any:
+    """One feature type for a column of both streams; a type inferred as `null` (a JSON field that is null in every
+    row of one file, e.g. an IFEval `kwargs` key no row of that file uses) gives way to the other stream's type."""
+    if first == Value("null"):
+        return second
+    if second == Value("null"):
+        return first
+    if isinstance(first, dict) and isinstance(second, dict):
+        return {
+            key: _merge_feature(first[key], second[key])
+            if key in first and key in second
+            else first.get(key, second.get(key))
+            for key in {**first, **second}
+        }
+    if isinstance(first, List) and isinstance(second, List):
+        return List(_merge_feature(first.feature, second.feature), length=first.length)
+    return first
+
+
+def _align_features(first: Dataset, second: Dataset) -> tuple[Dataset, Dataset]:
+    """Give both datasets the same columns and feature types, so that they concatenate: a column one of them lacks
+    is added as None, and the columns they share get one type."""
+    merged = {
+        name: _merge_feature(first.features[name], second.features[name])
+        if name in second.features
+        else first.features[name]
+        for name in first.column_names
+    }
+    merged.update({name: feature for name, feature in second.features.items() if name not in merged})
+    features = Features(merged)
+    aligned = []
+    for dataset in (first, second):
+        for name in features:
+            if name not in dataset.column_names:
+                dataset = dataset.add_column(name, [None] * len(dataset), feature=features[name])
+        aligned.append(dataset if dataset.features == features else dataset.cast(features))
+    return aligned[0], aligned[1]
 
 
 def _demonstration_mask(dataset: Dataset) -> list[bool]:
@@ -204,11 +235,8 @@ def merge_streams(
             _validate_dataset(demonstration_dataset, "demonstration_dataset", [True] * len(demonstration_dataset))
         )
         _check_formats(formats)
-        left = _align_columns(train_dataset, demonstration_dataset)
-        right = _align_columns(demonstration_dataset, train_dataset)
-        if "completion" in left.features and left.features["completion"] == Value("null"):
-            left = left.cast_column("completion", right.features["completion"])
-        merged = concatenate_datasets([left, right.cast(left.features)])
+        left, right = _align_features(train_dataset, demonstration_dataset)
+        merged = concatenate_datasets([left, right])
         demonstration_mask = train_mask + [True] * len(demonstration_dataset)
 
     fmt = _check_formats(formats)

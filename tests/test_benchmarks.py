@@ -1,0 +1,83 @@
+"""End-to-end runs of the two benchmarks in their smallest settings (pipeline and outputs, not the ranking)."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def student_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("student-cache"))
+
+
+@pytest.mark.slow
+def test_quality_quick_end_to_end(tmp_path, student_cache):
+    quality = load("quality")
+    output_dir = tmp_path / "quality"
+    argv = ["--quick", "--student_fast", "--student_cache", student_cache, "--output_dir", str(output_dir),
+            "--set", "steps=2", "num_eval=12", "curve_every=1", "curve_prompts=4", "eval_max_new_tokens=16",
+            "max_completion_length=12", "num_demonstrations=16", "num_preference=16"]  # fmt: skip
+    report = quality.main(argv)
+
+    for name in ("quality.json", "quality.md", "quality_accuracy.png", "quality_curves.png",
+                 "quality_distributions.png"):  # fmt: skip
+        assert (output_dir / name).is_file() and (output_dir / name).stat().st_size > 0, name
+    saved = json.loads((output_dir / "quality.json").read_text())
+    assert saved["settings"]["steps"] == 2 and saved["seeds"] == [0]
+    assert {run["method"] for run in saved["runs"]} == set(quality.METHODS)
+    for run in saved["runs"]:
+        for key in (*quality.METRICS, "topic_accuracy", "unrequested_effect_rate_mean", "expert_logp",
+                    "length_wasserstein_to_expert", "mean_response_tokens"):  # fmt: skip
+            assert key in run["metrics"], (run["method"], key)
+        assert 0.0 <= run["metrics"]["prompt_level_strict_acc"] <= 1.0
+        assert run["train_seconds"] > 0 and len(run["history"]) >= 1
+    assert set(saved["summary"]) == set(quality.METHODS)
+    assert saved["summary"]["uniapl"]["prompt_level_strict_acc"]["n"] == 1
+    assert "prompt_level_strict_acc" in saved["constant_reply"] and "prompt_level_strict_acc" in saved["initial"]
+    table = (output_dir / "quality.md").read_text()
+    assert all(f"| {method} |" in table for method in quality.METHODS) and "constant reply" in table
+    assert report["summary"] == saved["summary"]
+
+    # Seeds run in separate processes merge into one report.
+    merged = quality.main(["--merge", str(output_dir), str(output_dir), "--output_dir", str(tmp_path / "merged")])
+    assert merged["summary"]["uniapl"]["prompt_level_strict_acc"]["n"] == 2
+    assert (tmp_path / "merged" / "quality_accuracy.png").is_file()
+
+
+@pytest.mark.slow
+def test_speed_smallest_setting(tmp_path, student_cache):
+    speed = load("speed")
+    output_dir = tmp_path / "speed"
+    argv = ["--smallest", "--student_cache", student_cache, "--output_dir", str(output_dir), "--no_memory"]
+    report = speed.main(argv)
+
+    saved = json.loads((output_dir / "speed.json").read_text())
+    assert (output_dir / "speed.md").is_file()
+    assert set(saved["summary"]) == set(speed.KINDS)
+    length = saved["settings"]["completion_length"]
+    for kind in ("grpo", "uniapl", "uniapl_no_disc"):
+        # Every completion has exactly `completion_length` tokens: the ratio compares equal generation work.
+        assert saved["summary"][kind]["completion_lengths_seen"] == [float(length)], kind
+        assert set(saved["summary"][kind]["breakdown_median_seconds"]) == set(speed.PARTS)
+    breakdown = saved["summary"]["uniapl"]["breakdown_median_seconds"]
+    assert breakdown["generation"] > 0 and breakdown["discriminator_update"] > 0
+    assert breakdown["discriminator_scoring"] > 0 and breakdown["sft_forward"] > 0
+    ratios = saved["ratios"]
+    for key in ("uniapl_over_grpo_step_time", "uniapl_over_grpo_memory", "uniapl_over_grpo_plus_sft_step_time"):
+        assert key in ratios
+    assert ratios["uniapl_over_grpo_step_time"]["median"] > 0
+    assert report["ratios"] == saved["ratios"]

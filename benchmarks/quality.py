@@ -98,20 +98,21 @@ QUICK = {
 class HeldOutCurve(TrainerCallback):
     """Prompt-level strict accuracy on a fixed subset of the held-out split every `every` optimizer steps."""
 
-    def __init__(self, tokenizer, dataset, every: int, max_new_tokens: int, step_offset: int = 0):
-        self.tokenizer, self.dataset, self.every = tokenizer, dataset, every
+    def __init__(self, tokenizer, dataset, every: int, max_new_tokens: int, total_steps: int, step_offset: int = 0):
+        self.tokenizer, self.dataset, self.every, self.total_steps = tokenizer, dataset, every, total_steps
         self.max_new_tokens, self.step_offset = max_new_tokens, step_offset
         self.points: list[tuple[int, float]] = []
         self.seconds = 0.0
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.every > 0 and state.global_step % self.every == 0 and state.global_step < state.max_steps:
+        step = state.global_step + self.step_offset  # offset: the GRPO stage of sft_then_grpo
+        if self.every > 0 and step % self.every == 0 and step < self.total_steps:
             start = time.perf_counter()
             results = evaluate_ifeval(
                 model, self.tokenizer, self.dataset, max_new_tokens=self.max_new_tokens,
                 batch_size=len(self.dataset), show_progress=False,
             )  # fmt: skip
-            self.points.append((state.global_step + self.step_offset, results["prompt_level_strict_acc"]))
+            self.points.append((step, results["prompt_level_strict_acc"]))
             self.seconds += time.perf_counter() - start
 
 
@@ -234,7 +235,7 @@ def run_method(method, model_path, tokenizer, splits, curve_set, settings, seed,
     """Train one method for `settings["steps"]` optimizer steps; return the trained model, logs and timings."""
     steps = settings["steps"]
     output_dir = os.path.join(work_dir, f"{method}-seed{seed}")
-    curve = HeldOutCurve(tokenizer, curve_set, settings["curve_every"], settings["eval_max_new_tokens"])
+    curve = HeldOutCurve(tokenizer, curve_set, settings["curve_every"], settings["eval_max_new_tokens"], steps)
     grpo_prompts = concatenate_datasets(
         [
             splits["preference"],
@@ -359,6 +360,9 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float
     return table
 
 
+PERCENT_KEYS = ("topic_accuracy", "unrequested_effect_rate_mean")
+
+
 def _fmt(stat: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
     if stat["n"] > 1:
         return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
@@ -371,13 +375,14 @@ def markdown(report: dict[str, Any]) -> str:
         f"Held-out split: {settings['num_eval']} prompts; {settings['steps']} optimizer steps per method; seeds "
         f"{report['seeds']}; mean ± std over seeds (sample std). Accuracies in %.",
         "",
-        "| method | prompt strict | inst strict | prompt loose | inst loose | topic | unrequested effects | "
+        "| method | seeds | prompt strict | inst strict | prompt loose | inst loose | topic | unrequested effects | "
         "expert log-prob | length W1 to expert | mean tokens | train s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, stats in table.items():
         lines.append(
-            f"| {method} | {_fmt(stats['prompt_level_strict_acc'], 100)} | {_fmt(stats['inst_level_strict_acc'], 100)}"
+            f"| {method} | {stats['prompt_level_strict_acc']['n']} | {_fmt(stats['prompt_level_strict_acc'], 100)}"
+            f" | {_fmt(stats['inst_level_strict_acc'], 100)}"
             f" | {_fmt(stats['prompt_level_loose_acc'], 100)} | {_fmt(stats['inst_level_loose_acc'], 100)}"
             f" | {_fmt(stats['topic_accuracy'], 100)} | {_fmt(stats['unrequested_effect_rate_mean'], 100)}"
             f" | {_fmt(stats['expert_logp'], 1, 3)} | {_fmt(stats['length_wasserstein_to_expert'], 1, 2)}"
@@ -386,10 +391,13 @@ def markdown(report: dict[str, Any]) -> str:
     for name, key in (("student (untrained)", "initial"), ("constant reply", "constant_reply")):
         ref = report[key]
         lines.append(
-            f"| *{name}* | {ref['prompt_level_strict_acc'] * 100:.1f} | {ref['inst_level_strict_acc'] * 100:.1f} | "
+            f"| *{name}* | – | {ref['prompt_level_strict_acc'] * 100:.1f} | "
+            f"{ref['inst_level_strict_acc'] * 100:.1f} | "
             f"{ref['prompt_level_loose_acc'] * 100:.1f} | {ref['inst_level_loose_acc'] * 100:.1f} | "
             + " | ".join(
-                f"{ref[k]:.3g}" if isinstance(ref.get(k), float) else "–"
+                (f"{ref[k] * 100:.1f}" if k in PERCENT_KEYS else f"{ref[k]:.3g}")
+                if isinstance(ref.get(k), float)
+                else "–"
                 for k in (
                     "topic_accuracy",
                     "unrequested_effect_rate_mean",

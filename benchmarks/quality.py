@@ -26,27 +26,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
-import platform
 import shutil
-import subprocess
+import sys
 import tempfile
 import time
-import warnings
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import datasets  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from datasets import concatenate_datasets  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
-from transformers.utils import logging as transformers_logging  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers in benchmarks/
+from common import apply_overrides, machine, quiet_libraries  # noqa: E402
 
 from trl_uniapl import student as student_lib  # noqa: E402
 from trl_uniapl import task  # noqa: E402
@@ -522,21 +520,6 @@ def merge(directories: list[str], output_dir: str) -> dict[str, Any]:
     return report
 
 
-def machine() -> dict[str, Any]:
-    info = {"nproc": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}  # fmt: skip
-    try:
-        import transformers
-        import trl
-
-        info.update(trl=trl.__version__, transformers=transformers.__version__)
-        info["lscpu"] = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()[:12]
-        info["loadavg_start"] = os.getloadavg()
-    except Exception:  # noqa: BLE001 - machine info is best effort
-        pass
-    return info
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------------
@@ -563,18 +546,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return merge(args.merge, args.output_dir)
 
     settings = dict(QUICK if args.quick else FULL)
-    for item in args.set:
-        key, value = item.split("=", 1)
-        if key not in settings:
-            raise ValueError(f"Unknown setting {key!r}; known: {sorted(settings)}.")
-        settings[key] = type(settings[key])(value)
+    apply_overrides(settings, args.set)
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
 
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    logging.getLogger("trl_uniapl").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    quiet_libraries()
     os.makedirs(args.output_dir, exist_ok=True)
     wall_start = time.perf_counter()
 

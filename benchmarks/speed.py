@@ -41,16 +41,13 @@ import argparse
 import functools
 import gc
 import json
-import logging
 import os
-import platform
 import shutil
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -58,13 +55,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import datasets  # noqa: E402
 import psutil  # noqa: E402
 import torch  # noqa: E402
 from datasets import concatenate_datasets  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
-from transformers.utils import logging as transformers_logging  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers in benchmarks/
+from common import apply_overrides, machine, quiet_libraries  # noqa: E402
 
 from trl_uniapl import student as student_lib  # noqa: E402
 from trl_uniapl import task  # noqa: E402
@@ -332,18 +330,6 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def machine() -> dict[str, Any]:
-    info = {"nproc": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}  # fmt: skip
-    try:
-        info["lscpu"] = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout.splitlines()[:12]
-        info["loadavg"] = os.getloadavg()
-    except Exception:  # noqa: BLE001 - best effort
-        pass
-    return info
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smallest", action="store_true", help="Tiny setting with the fast test student (seconds).")
@@ -366,20 +352,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     settings = dict(SMALLEST if args.smallest else DEFAULT)
-    for item in args.set:
-        key, value = item.split("=", 1)
-        if key not in settings:
-            raise ValueError(f"Unknown setting {key!r}; known: {sorted(settings)}.")
-        settings[key] = type(settings[key])(value)
+    apply_overrides(settings, args.set)
     settings["uniapl_config"] = json.loads(args.uniapl_config)
     if settings["steps"] < 3:
         raise ValueError("steps must be >= 3: the first and last steps of every run are dropped.")
 
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    logging.getLogger("trl_uniapl").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    quiet_libraries()
     os.makedirs(args.output_dir, exist_ok=True)
     wall_start = time.perf_counter()
 

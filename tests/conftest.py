@@ -57,25 +57,26 @@ def length_reward(completions, **kwargs):
     return [float(len(c if isinstance(c, str) else c[0]["content"])) / 50.0 for c in completions]
 
 
+# GRPOConfig settings for a few fast CPU steps; shared by UniAPL and plain GRPO runs.
+CPU_GRPO_SETTINGS = dict(
+    use_cpu=True,
+    bf16=False,
+    gradient_checkpointing=False,
+    report_to="none",
+    per_device_train_batch_size=8,
+    num_generations=4,
+    max_completion_length=12,
+    max_steps=3,
+    learning_rate=1e-2,
+    logging_steps=1,
+    save_strategy="no",
+    seed=0,
+    disable_tqdm=True,
+)
+
+
 def uniapl_args(output_dir, **overrides):
     from trl_uniapl import UniAPLConfig
 
-    settings = dict(
-        output_dir=str(output_dir),
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=12,
-        max_steps=3,
-        learning_rate=1e-2,
-        discriminator_learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
-    )
-    settings.update(overrides)
-    return UniAPLConfig(**settings)
+    settings = {**CPU_GRPO_SETTINGS, "discriminator_learning_rate": 1e-2, **overrides}
+    return UniAPLConfig(output_dir=str(output_dir), **settings)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import length_reward, make_completions, make_prompts, uniapl_args
+from conftest import CPU_GRPO_SETTINGS, length_reward, make_completions, make_prompts, uniapl_args
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
@@ -136,23 +136,7 @@ def _loss_history(trainer) -> list[float]:
 
 @pytest.mark.parametrize("config_class", ["grpo", "uniapl"])
 def test_drop_in_equals_grpo_trainer(tmp_path, tiny_model_path, preference_dataset, config_class):
-    common = dict(
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=12,
-        max_steps=3,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        beta=0.04,
-        loss_type="grpo",
-        disable_tqdm=True,
-    )
+    common = {**CPU_GRPO_SETTINGS, "beta": 0.04, "loss_type": "grpo"}
     grpo = GRPOTrainer(
         model=tiny_model_path,
         reward_funcs=length_reward,

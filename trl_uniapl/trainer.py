@@ -481,6 +481,8 @@ class UniAPLTrainer(GRPOTrainer):
         return self.adversarial_coef
 
     def _discriminator_inputs(self, rows: list[int], completions: list[Any], completion_ids: list[list[int]]):
+        """Discriminator batches for the given rows' prompts followed by `completions[row]` (policy's or expert's):
+        the policy's token ids when it shares the policy's tokenizer, else the re-rendered text."""
         discriminator = self.discriminator
         if discriminator.uses_policy_tokens:
             return discriminator.encode_ids([list(self._last_prompt_ids[i]) + list(completion_ids[i]) for i in rows])
@@ -504,13 +506,7 @@ class UniAPLTrainer(GRPOTrainer):
                 real_rows.append(i)
             real_index.append(real_keys[key])
         real_index = torch.tensor(real_index, dtype=torch.long)
-        if discriminator.uses_policy_tokens:
-            real_batches = discriminator.encode_ids(
-                [list(self._last_prompt_ids[i]) + list(self._batch_expert_ids[i]) for i in real_rows]
-            )
-        else:
-            expert = [self._batch_expert_completions[i] for i in real_rows]
-            real_batches = discriminator.encode_texts([prompts[i] for i in real_rows], expert)
+        real_batches = self._discriminator_inputs(real_rows, self._batch_expert_completions, self._batch_expert_ids)
         fake_batches = self._discriminator_inputs(demo_rows, completions, completion_ids)
 
         last_update = self._discriminator_state["last_update_step"]

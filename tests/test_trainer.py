@@ -30,6 +30,16 @@ UNIAPL_METRICS = [
 ]
 
 
+def build(tmp_path, model_path, train, demonstrations=None, **config):
+    return UniAPLTrainer(
+        model=model_path,
+        reward_funcs=length_reward,
+        args=uniapl_args(tmp_path, **config),
+        train_dataset=train,
+        demonstration_dataset=demonstrations,
+    )
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in model.named_parameters()}
 
@@ -45,13 +55,7 @@ def changed(before: dict[str, torch.Tensor], model, names=None) -> dict[str, boo
 def test_trains_policy_and_discriminator_and_logs_metrics(
     tmp_path, tiny_model_path, preference_dataset, demonstration_dataset
 ):
-    trainer = UniAPLTrainer(
-        model=tiny_model_path,
-        reward_funcs=length_reward,
-        args=uniapl_args(tmp_path),
-        train_dataset=preference_dataset,
-        demonstration_dataset=demonstration_dataset,
-    )
+    trainer = build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset)
     policy_before = snapshot(trainer.model)
     discriminator_before = snapshot(trainer.discriminator.model)
     trainer.train()
@@ -243,13 +247,7 @@ def test_conversational_demonstrations_render_like_the_policy_prompt(tmp_path, t
 def test_save_model_writes_a_reloadable_discriminator(
     tmp_path, tiny_model_path, preference_dataset, demonstration_dataset
 ):
-    trainer = UniAPLTrainer(
-        model=tiny_model_path,
-        reward_funcs=length_reward,
-        args=uniapl_args(tmp_path, max_steps=1),
-        train_dataset=preference_dataset,
-        demonstration_dataset=demonstration_dataset,
-    )
+    trainer = build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, max_steps=1)
     trainer.train()
     trainer.save_model()
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "discriminator", num_labels=1)
@@ -290,12 +288,14 @@ def test_checkpoint_restores_discriminator_optimizer_and_lambda(
     saved_weights = snapshot(trainer.discriminator.model)
     saved_optimizer = trainer.discriminator.optimizer.state_dict()
 
-    resumed = UniAPLTrainer(
-        model=tiny_model_path,
-        reward_funcs=length_reward,
-        args=uniapl_args(tmp_path, max_steps=2, adversarial_coef_mode="lagrangian", adversarial_coef=0.2),
-        train_dataset=preference_dataset,
-        demonstration_dataset=demonstration_dataset,
+    resumed = build(
+        tmp_path,
+        tiny_model_path,
+        preference_dataset,
+        demonstration_dataset,
+        max_steps=2,
+        adversarial_coef_mode="lagrangian",
+        adversarial_coef=0.2,
     )
     assert resumed.adversarial_coef == 0.2
     resumed.create_optimizer_and_scheduler(num_training_steps=2)
@@ -328,16 +328,6 @@ def test_discriminator_with_its_own_tokenizer(tmp_path, tiny_model_path, prefere
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------------
-def build(tmp_path, model_path, train, demonstrations=None, **config):
-    return UniAPLTrainer(
-        model=model_path,
-        reward_funcs=length_reward,
-        args=uniapl_args(tmp_path, **config),
-        train_dataset=train,
-        demonstration_dataset=demonstrations,
-    )
-
-
 def test_demonstration_without_prompt(tmp_path, tiny_model_path, preference_dataset):
     demonstrations = Dataset.from_dict({"prompt": ["a", None, "c"], "completion": ["x", "y", "z"]})
     with pytest.raises(ValueError, match=r"demonstration_dataset row 1 has no `prompt`"):
@@ -502,13 +492,7 @@ def test_plain_grpo_config_with_demonstrations_uses_uniapl_defaults(
 def test_grpo_and_discriminator_options_train(
     tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, options
 ):
-    trainer = UniAPLTrainer(
-        model=tiny_model_path,
-        reward_funcs=length_reward,
-        args=uniapl_args(tmp_path, max_steps=2, **options),
-        train_dataset=preference_dataset,
-        demonstration_dataset=demonstration_dataset,
-    )
+    trainer = build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, max_steps=2, **options)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 2

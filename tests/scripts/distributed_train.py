@@ -20,9 +20,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from trl_uniapl import UniAPLConfig, UniAPLTrainer  # noqa: E402
+from trl_uniapl import UniAPLTrainer  # noqa: E402
 
-WORDS = "the sky is blue green red apple banana cat dog runs jumps fast slow river mountain sun moon star".split()
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/, for the shared settings
+from conftest import WORDS, uniapl_args  # noqa: E402
 
 
 def params_digest(module: torch.nn.Module) -> tuple[str, float]:
@@ -58,22 +59,9 @@ def main(model_path: str, out_dir: str, max_steps: int = 3) -> None:
         )
         return [float(len(c)) / 50.0 for c in completions]
 
-    args = UniAPLConfig(
-        output_dir=out_dir,
-        use_cpu=True,
-        bf16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        per_device_train_batch_size=8,
-        num_generations=4,
-        max_completion_length=12,
+    args = uniapl_args(
+        out_dir,
         max_steps=max_steps,
-        learning_rate=1e-2,
-        discriminator_learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
         demonstration_ratio=0.5,
         adversarial_coef=0.1,
         adversarial_coef_mode="lagrangian",

@@ -60,18 +60,18 @@ CONSTANT_REPLY = (
 )
 
 FULL = {
-    "steps": 40,
-    "per_device_train_batch_size": 16,
-    "num_generations": 4,
+    "steps": 200,
+    "per_device_train_batch_size": 32,
+    "num_generations": 2,
     "max_completion_length": 48,
-    "learning_rate": 1e-3,
+    "learning_rate": 3e-3,
     "discriminator_learning_rate": 1e-3,
     "adversarial_coef": 0.1,
     "sft_coef": 1.0,
     "sft_fraction": 0.5,
     "num_eval": 400,
     "eval_max_new_tokens": 64,
-    "curve_every": 20,
+    "curve_every": 50,
     "curve_prompts": 100,
     "num_demonstrations": 256,
     "num_preference": 512,
@@ -80,6 +80,7 @@ QUICK = {
     **FULL,
     "steps": 4,
     "per_device_train_batch_size": 8,
+    "num_generations": 4,
     "max_completion_length": 24,
     "num_eval": 40,
     "eval_max_new_tokens": 32,
@@ -520,6 +521,58 @@ def merge(directories: list[str], output_dir: str) -> dict[str, Any]:
     return report
 
 
+def _without_options(argv: list[str], options: dict[str, int]) -> list[str]:
+    """`argv` without the given options and their values (`{"--seeds": -1}`: every value up to the next option)."""
+    kept, skip = [], 0
+    for index, item in enumerate(argv):
+        if skip:
+            skip -= 1
+            continue
+        if item.split("=", 1)[0] in options:
+            count = options[item.split("=", 1)[0]]
+            if "=" not in item:
+                rest = argv[index + 1 :]
+                skip = next((i for i, x in enumerate(rest) if x.startswith("--")), len(rest)) if count < 0 else count
+            continue
+        kept.append(item)
+    return kept
+
+
+def run_seeds_in_parallel(argv: list[str], seeds: list[int], jobs: int, output_dir: str) -> dict[str, Any]:
+    """One subprocess per seed (at most `jobs` at a time, CPU threads shared out), then `merge` into `output_dir`."""
+    import subprocess
+
+    base = _without_options(argv, {"--seeds": -1, "--jobs": 1, "--output_dir": 1})
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    directories = [os.path.join(output_dir, f"seed{seed}") for seed in seeds]
+    pending = list(zip(seeds, directories))
+    running: list[tuple[int, subprocess.Popen, Any]] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            seed, directory = pending.pop(0)
+            os.makedirs(directory, exist_ok=True)
+            log = open(os.path.join(directory, "log.txt"), "w")
+            script = os.path.abspath(__file__)
+            command = [sys.executable, script, *base, "--seeds", str(seed), "--output_dir", directory]
+            print(f"seed {seed}: {' '.join(command[1:])} (log: {log.name})", flush=True)
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+            running.append((seed, process, log))
+        time.sleep(5)
+        for entry in list(running):
+            seed, process, log = entry
+            if process.poll() is not None:
+                running.remove(entry)
+                log.close()
+                print(f"seed {seed}: finished with exit code {process.returncode}", flush=True)
+                if process.returncode != 0:
+                    failed.append(seed)
+    if failed:
+        raise RuntimeError(f"Seeds {failed} failed; see log.txt in their folders under {output_dir}.")
+    return merge(directories, output_dir)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------------
@@ -534,6 +587,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--student_cache", default=None, help="Cache dir of the student (default $TRL_UNIAPL_CACHE).")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override a setting, e.g. steps=60.")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="Run the seeds in this many processes side by side (each with its share of the CPU threads), then merge "
+        "them into --output_dir. 1: one process, seeds in turn.",
+    )
+    parser.add_argument(
         "--merge",
         nargs="+",
         default=None,
@@ -544,10 +604,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.merge:
         return merge(args.merge, args.output_dir)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}.")
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    if args.jobs > 1 and len(seeds) > 1:
+        return run_seeds_in_parallel(argv if argv is not None else sys.argv[1:], seeds, args.jobs, args.output_dir)
 
     settings = dict(QUICK if args.quick else FULL)
     apply_overrides(settings, args.set)
-    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
 
     quiet_libraries()
     os.makedirs(args.output_dir, exist_ok=True)

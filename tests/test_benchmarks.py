@@ -59,6 +59,29 @@ def test_quality_quick_end_to_end(tmp_path, student_cache):
 
 
 @pytest.mark.slow
+def test_quality_seeds_in_parallel_processes_merge(tmp_path, student_cache):
+    quality = load("quality")
+    output_dir = tmp_path / "parallel"
+    argv = ["--quick", "--student_fast", "--student_cache", student_cache, "--methods", "sft", "--seeds", "0", "1",
+            "--jobs", "2", "--output_dir", str(output_dir), "--set", "steps=2", "num_eval=8", "curve_every=0",
+            "eval_max_new_tokens=8", "num_demonstrations=16", "num_preference=16"]  # fmt: skip
+    report = quality.main(argv)
+
+    assert report["seeds"] == [0, 1] and report["summary"]["sft"]["prompt_level_strict_acc"]["n"] == 2
+    assert len(report["merged_from"]) == 2
+    for seed in (0, 1):
+        part = json.loads((output_dir / f"seed{seed}" / "quality.json").read_text())
+        assert part["seeds"] == [seed] and part["settings"]["steps"] == 2
+        assert "--jobs" not in part["command"]
+    assert json.loads((output_dir / "quality.json").read_text())["seeds"] == [0, 1]
+
+
+def test_quality_rejects_zero_jobs():
+    with pytest.raises(ValueError, match="--jobs must be >= 1"):
+        load("quality").main(["--quick", "--jobs", "0"])
+
+
+@pytest.mark.slow
 def test_speed_smallest_setting(tmp_path, student_cache):
     speed = load("speed")
     output_dir = tmp_path / "speed"

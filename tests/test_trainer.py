@@ -547,3 +547,57 @@ def test_streams_with_null_typed_columns_merge(tmp_path):
     assert streams.dataset[4]["kwargs"] == [{"keyword": "sun", "n": None}]
     assert streams.dataset[0]["kwargs"] == [{"keyword": None, "n": 0}]
     assert streams.dataset[1]["completion"] is None and streams.dataset[3]["completion"] == "c0"
+
+
+@pytest.mark.parametrize("score_in_update_pass", [True, False])
+def test_adversarial_rewards_come_from_the_discriminator_before_or_after_its_update(
+    tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, score_in_update_pass
+):
+    """Default (cheap) path: demonstration rows are rewarded with the logits of the update's own forward pass, i.e.
+    by the discriminator before its optimizer step, and only the preference rows get a scoring pass. `False`: every
+    row is scored by the discriminator after the update."""
+    import copy
+
+    trainer = build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, max_steps=1,
+                    adversarial_reward="airl", adversarial_reward_clip=None,
+                    discriminator_score_in_update_pass=score_in_update_pass)  # fmt: skip
+    discriminator = trainer.discriminator
+    initial_model = copy.deepcopy(discriminator.model).eval()
+    calls = {"update_real": None, "update_fake": None, "scored_rows": 0, "rewards": None}
+    update, score = discriminator.update, discriminator.score
+
+    def spy_update(real_batches, fake_batches, *args, **kwargs):
+        calls["update_real"], calls["update_fake"] = real_batches, fake_batches
+        return update(real_batches, fake_batches, *args, **kwargs)
+
+    def spy_score(batches):
+        calls["scored_rows"] += sum(len(batch["input_ids"]) for batch in batches)
+        return score(batches)
+
+    discriminator.update, discriminator.score = spy_update, spy_score
+    reward_index = trainer.reward_func_names.index("adversarial")
+    adversarial = trainer.reward_funcs[reward_index]
+
+    def spy_rewards(*args, **kwargs):
+        calls["rewards"] = adversarial(*args, **kwargs)
+        return calls["rewards"]
+
+    trainer.reward_funcs[reward_index] = spy_rewards
+    trainer.train()
+
+    demo_rows = [i for i, is_demo in enumerate(trainer._batch_is_demonstration) if is_demo]
+    assert 0 < len(demo_rows) < len(calls["rewards"])
+    scorer = initial_model if score_in_update_pass else discriminator.model.eval()
+    with torch.no_grad():
+        expected = torch.cat([scorer(**batch).logits[:, 0] for batch in calls["update_fake"]])
+    demo_rewards = torch.tensor([calls["rewards"][i] for i in demo_rows])
+    torch.testing.assert_close(demo_rewards, expected, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        after = torch.cat([discriminator.model.eval()(**batch).logits[:, 0] for batch in calls["update_fake"]])
+    assert not torch.allclose(after, torch.cat([initial_model(**b).logits[:, 0] for b in calls["update_fake"]]))
+    num_real = sum(len(batch["input_ids"]) for batch in calls["update_real"])
+    # Cheap path: one pass over the preference rows only; otherwise every completion and every expert completion.
+    expected_scored = (
+        len(calls["rewards"]) - len(demo_rows) if score_in_update_pass else len(calls["rewards"]) + num_real
+    )
+    assert calls["scored_rows"] == expected_scored

@@ -88,6 +88,13 @@ class UniAPLConfig(GRPOConfig):
             One-sided label smoothing of the expert label (`"bce"` only): the target is `1 - smoothing`.
         discriminator_max_grad_norm (`float` or `None`, *optional*, defaults to `1.0`):
             Gradient clipping of the discriminator. `None` disables it.
+        discriminator_score_in_update_pass (`bool`, *optional*, defaults to `True`):
+            Score the expert completions and the policy's completions of demonstration prompts with the logits of the
+            discriminator update's own forward pass (before its optimizer step) instead of a second forward after the
+            update; only the other rows get a scoring pass. The reward keeps its definition; only the discriminator
+            iterate that gives it changes (the one before this update instead of after it). The update's forward runs
+            in train mode, so a discriminator with dropout scores with dropout on this path. `False` scores every row
+            in eval mode after the update (one more forward pass over the batch).
         discriminator_collapse_patience (`int`, *optional*, defaults to `20`):
             Number of consecutive discriminator updates with both accuracies ≥ 0.99 (it wins outright) or both
             within 0.02 of 0.5 (it learns nothing) after which a collapse warning is logged.
@@ -192,6 +199,14 @@ class UniAPLConfig(GRPOConfig):
     )
     discriminator_max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "Gradient clipping of the discriminator. None disables it."}
+    )
+    discriminator_score_in_update_pass: bool = field(
+        default=True,
+        metadata={
+            "help": "Reuse the discriminator update's forward pass to score the expert completions and the policy's "
+            "completions of demonstration prompts (scores from before that update's optimizer step, as in most GAIL "
+            "implementations), instead of a second pass after the update. False: score every row after the update."
+        },
     )
     discriminator_collapse_patience: int = field(
         default=20, metadata={"help": "Consecutive degenerate discriminator updates before a collapse warning."}

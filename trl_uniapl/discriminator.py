@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -57,6 +57,23 @@ def discriminator_loss_sum(
     if kind == "bt":
         return -F.logsigmoid(real_logits - fake_logits).sum(), fake_logits.new_zeros(())
     raise ValueError(f"Unknown discriminator loss {kind!r}; use 'bce' or 'bt'.")
+
+
+class DiscriminatorUpdate(NamedTuple):
+    """What [`Discriminator.update`] returns.
+
+    Attributes:
+        loss (`float`): the global loss of the step (over all ranks).
+        applied (`bool`): whether the optimizer step was applied (False when the loss or a gradient was not finite).
+        real_logits (`torch.Tensor`): this rank's logits of the real rows, aligned with the fake rows, computed by the
+            step's forward pass (before its optimizer step), detached.
+        fake_logits (`torch.Tensor`): the same for this rank's fake rows.
+    """
+
+    loss: float
+    applied: bool
+    real_logits: torch.Tensor
+    fake_logits: torch.Tensor
 
 
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -176,13 +193,14 @@ class Discriminator:
         loss_type: str,
         label_smoothing: float,
         real_index: torch.Tensor | None = None,
-    ) -> tuple[float, bool]:
+    ) -> DiscriminatorUpdate:
         """
         One optimizer step on this rank's real and fake rows, with gradients summed over all ranks.
 
         `real_index` maps each fake row to its row in `real_batches` (the real rows are deduplicated). Returns the
-        global loss and whether the step was applied (False when the loss or a gradient was not finite: the step is
-        skipped on every rank). Every rank must call this, even with no rows.
+        global loss, whether the step was applied (False when the loss or a gradient was not finite: the step is
+        skipped on every rank) and the logits of the step's forward pass, which callers may reuse as scores instead of
+        a second pass. Every rank must call this, even with no rows.
         """
         self.model.train()
         with torch.enable_grad():
@@ -213,7 +231,7 @@ class Discriminator:
         if applied:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return global_loss.item(), applied
+        return DiscriminatorUpdate(global_loss.item(), applied, real_logits.detach(), fake_logits.detach())
 
     # ---- persistence --------------------------------------------------------------------------------------------
     def save_pretrained(self, output_dir: str) -> None:

@@ -511,20 +511,21 @@ class UniAPLTrainer(GRPOTrainer):
 
         last_update = self._discriminator_state["last_update_step"]
         step = self.state.global_step
+        update = None
         if mode == "train" and (last_update is None or step - last_update >= args.discriminator_update_interval):
             losses = []
             for _ in range(args.discriminator_steps):
-                loss, applied = discriminator.update(
+                update = discriminator.update(
                     real_batches, fake_batches, args.discriminator_loss, args.discriminator_label_smoothing, real_index
                 )
-                losses.append(loss)
-                if not applied:
+                losses.append(update.loss)
+                if not update.applied:
                     self._discriminator_state["skipped_updates"] += 1
                     logger.warning(
                         "Discriminator update skipped at step %d: non-finite loss or gradient (loss=%s). The "
                         "discriminator keeps its previous weights.",
                         step,
-                        loss,
+                        update.loss,
                     )
             self._discriminator_state["last_update_step"] = step
             self._discriminator_state["num_updates"] += 1
@@ -534,12 +535,23 @@ class UniAPLTrainer(GRPOTrainer):
                 float(self._discriminator_state["skipped_updates"])
             )
 
-        # Score after the update: the policy is rewarded by the discriminator it is now facing.
         scope_rows = demo_rows if args.adversarial_reward_scope == "demonstrations" else list(range(len(prompts)))
-        policy_logits = discriminator.score(self._discriminator_inputs(scope_rows, completions, completion_ids))
-        real_logits = discriminator.score(real_batches)[real_index.to(device)] if demo_rows else policy_logits[:0]
-        row_position = {row: position for position, row in enumerate(scope_rows)}
-        fake_logits = policy_logits[[row_position[i] for i in demo_rows]] if demo_rows else policy_logits[:0]
+        if update is not None and args.discriminator_score_in_update_pass:
+            # The update's forward pass already scored the expert completions and the policy's completions of the
+            # demonstration prompts (before its last optimizer step, as most GAIL implementations score); only the
+            # preference rows in scope need a pass of their own.
+            real_logits, fake_logits = update.real_logits, update.fake_logits
+            demo_rows_set = set(demo_rows)
+            other_rows = [row for row in scope_rows if row not in demo_rows_set]
+            other_logits = discriminator.score(self._discriminator_inputs(other_rows, completions, completion_ids))
+            logits_by_row = dict(zip(demo_rows, fake_logits)) | dict(zip(other_rows, other_logits))
+            policy_logits = torch.stack([logits_by_row[row] for row in scope_rows]) if scope_rows else other_logits
+        else:
+            # Score after the update: the policy is rewarded by the discriminator it is now facing.
+            policy_logits = discriminator.score(self._discriminator_inputs(scope_rows, completions, completion_ids))
+            real_logits = discriminator.score(real_batches)[real_index.to(device)] if demo_rows else policy_logits[:0]
+            row_position = {row: position for position, row in enumerate(scope_rows)}
+            fake_logits = policy_logits[[row_position[i] for i in demo_rows]] if demo_rows else policy_logits[:0]
         self._log_discriminator_metrics(real_logits, fake_logits, mode)
 
         rewards = adversarial_reward(policy_logits, args.adversarial_reward, args.adversarial_reward_clip)

@@ -18,7 +18,8 @@ Held-out metrics come from `trl_uniapl.evaluation.evaluate_ifeval` (greedy) and 
 the untrained student and a constant, prompt-independent reply. Outputs (in `--output_dir`): `quality.json` (every
 run's numbers and settings), `quality.md` (tables) and PNG plots.
 
-    python benchmarks/quality.py                 # full run, 3 seeds
+    python benchmarks/quality.py --jobs 3        # full run: 3 seeds, one process each, merged
+    python benchmarks/quality.py                 # the same, seeds in turn in one process
     python benchmarks/quality.py --quick         # a few minutes, pipeline check only
 """
 

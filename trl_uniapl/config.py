@@ -91,10 +91,10 @@ class UniAPLConfig(GRPOConfig):
         discriminator_score_in_update_pass (`bool`, *optional*, defaults to `True`):
             Score the expert completions and the policy's completions of demonstration prompts with the logits of the
             discriminator update's own forward pass (before its optimizer step) instead of a second forward after the
-            update; only the other rows get a scoring pass. The reward keeps its definition; only the discriminator
-            iterate that gives it changes (the one before this update instead of after it). The update's forward runs
-            in train mode, so a discriminator with dropout scores with dropout on this path. `False` scores every row
-            in eval mode after the update (one more forward pass over the batch).
+            update; only the other rows get a scoring pass (after the update). The reward keeps its definition; only
+            the discriminator iterate that gives it changes (the one before this update instead of after it). The
+            update's forward runs in train mode, so a discriminator with dropout scores with dropout on this path.
+            `False` scores every row in eval mode after the update (one more forward pass over the batch).
         discriminator_collapse_patience (`int`, *optional*, defaults to `20`):
             Number of consecutive discriminator updates with both accuracies ≥ 0.99 (it wins outright) or both
             within 0.02 of 0.5 (it learns nothing) after which a collapse warning is logged.

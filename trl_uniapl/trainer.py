@@ -539,7 +539,9 @@ class UniAPLTrainer(GRPOTrainer):
         if update is not None and args.discriminator_score_in_update_pass:
             # The update's forward pass already scored the expert completions and the policy's completions of the
             # demonstration prompts (before its last optimizer step, as most GAIL implementations score); only the
-            # preference rows in scope need a pass of their own.
+            # preference rows in scope need a pass of their own. The two iterates never meet inside one group of
+            # `num_generations` completions (a prompt is either a demonstration or not), so group-relative
+            # advantages compare scores of the same discriminator.
             real_logits, fake_logits = update.real_logits, update.fake_logits
             demo_rows_set = set(demo_rows)
             other_rows = [row for row in scope_rows if row not in demo_rows_set]

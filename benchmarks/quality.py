@@ -30,6 +30,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -426,6 +427,12 @@ def plots(report: dict[str, Any], output_dir: str) -> list[str]:
     runs, methods = report["runs"], list(report["summary"])
     colors = {method: f"C{i}" for i, method in enumerate(methods)}
 
+    def save(fig, name: str, dpi: int = 110) -> None:
+        fig.tight_layout()
+        paths.append(os.path.join(output_dir, name))
+        fig.savefig(paths[-1], dpi=dpi)
+        plt.close(fig)
+
     # Accuracy per method with the seed spread.
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, method in enumerate(methods):
@@ -437,10 +444,7 @@ def plots(report: dict[str, Any], output_dir: str) -> list[str]:
     ax.set_xticks(range(len(methods)), methods, rotation=20)
     ax.set_ylabel("held-out prompt-level strict acc (%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(os.path.join(output_dir, "quality_accuracy.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "quality_accuracy.png")
 
     # Accuracy against step (held-out subset) and training reward against step.
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -459,10 +463,7 @@ def plots(report: dict[str, Any], output_dir: str) -> list[str]:
     for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(output_dir, "quality_curves.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    save(fig, "quality_curves.png")
 
     # Length and log-prob distributions, policy vs expert (first seed of each method).
     first_seed = report["seeds"][0]
@@ -481,10 +482,7 @@ def plots(report: dict[str, Any], output_dir: str) -> list[str]:
         if i == 0:
             top.legend(fontsize=7)
             bottom.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(output_dir, "quality_distributions.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    save(fig, "quality_distributions.png", dpi=100)
     return paths
 
 
@@ -541,8 +539,6 @@ def _without_options(argv: list[str], options: dict[str, int]) -> list[str]:
 
 def run_seeds_in_parallel(argv: list[str], seeds: list[int], jobs: int, output_dir: str) -> dict[str, Any]:
     """One subprocess per seed (at most `jobs` at a time, CPU threads shared out), then `merge` into `output_dir`."""
-    import subprocess
-
     base = _without_options(argv, {"--seeds": -1, "--jobs": 1, "--output_dir": 1})
     threads = max(1, (os.cpu_count() or 1) // jobs)
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}

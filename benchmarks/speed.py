@@ -89,16 +89,7 @@ class Timers:
         self.seconds: dict[str, float] = defaultdict(float)
 
     def wrap(self, owner, name: str, key: str):
-        original = getattr(owner, name)
-
-        @functools.wraps(original)
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.seconds[key] += time.perf_counter() - start
-
+        timed = _timed_function(getattr(owner, name), self, key)
         setattr(owner, name, timed)
         return timed
 

@@ -78,5 +78,6 @@ CPU_GRPO_SETTINGS = dict(
 def uniapl_args(output_dir, **overrides):
     from trl_uniapl import UniAPLConfig
 
-    settings = {**CPU_GRPO_SETTINGS, "discriminator_learning_rate": 1e-2, **overrides}
+    # No discriminator warm-up: the tests check the adversarial term from the first step.
+    settings = {**CPU_GRPO_SETTINGS, "discriminator_learning_rate": 1e-2, "discriminator_warmup_steps": 0, **overrides}
     return UniAPLConfig(output_dir=str(output_dir), **settings)

@@ -114,6 +114,7 @@ def test_metrics_reduced_and_finite(reports):
         "discriminator/js_estimate",
         "discriminator/skipped_updates",
         "adversarial/reward_mean",
+        "adversarial/unscored",
         "adversarial/coef",
         "rewards/adversarial/mean",
         "rewards/length_and_mix_reward/mean",

@@ -24,8 +24,10 @@ UNIAPL_METRICS = [
     "discriminator/acc_fake",
     "discriminator/js_estimate",
     "adversarial/reward_mean",
+    "adversarial/unscored",
     "adversarial/coef",
     "rewards/adversarial/mean",
+    "rewards/adversarial/std",
     "completions/mean_length",
 ]
 
@@ -71,7 +73,8 @@ def test_trains_policy_and_discriminator_and_logs_metrics(
         values = [entry[key] for entry in logs]
         assert all(math.isfinite(v) for v in values), (key, values)
     assert all(entry["adversarial/coef"] == pytest.approx(0.1) for entry in logs)
-    assert trainer.reward_func_names[-1] == "adversarial"
+    # The discriminator is not a reward function: its advantage is added after TRL's normalisation.
+    assert "adversarial" not in trainer.reward_func_names
 
 
 def test_every_generation_batch_mixes_both_streams(tmp_path, tiny_model_path, preference_dataset):
@@ -480,14 +483,14 @@ def test_plain_grpo_config_with_demonstrations_uses_uniapl_defaults(
 @pytest.mark.parametrize(
     "options",
     [
-        {"discriminator_loss": "bt", "adversarial_reward": "airl"},
+        {"discriminator_loss": "bt", "discriminator_label_smoothing": 0.1},
         {"adversarial_reward_scope": "demonstrations", "adversarial_reward": "logd"},
         {"gradient_accumulation_steps": 2, "per_device_train_batch_size": 4, "num_iterations": 2},
         {"steps_per_generation": 2, "per_device_train_batch_size": 4, "beta": 0.04, "loss_type": "grpo"},
         {"discriminator_warmup_steps": 1, "discriminator_update_interval": 2, "discriminator_steps": 2},
         {"scale_rewards": "batch", "multi_objective_aggregation": "normalize_then_sum", "loss_type": "bnpo"},
     ],
-    ids=["bt-airl", "scope-demos-logd", "grad-accum-iterations", "steps-per-generation-beta", "d-schedule", "agg"],
+    ids=["bt-smoothed", "scope-demos-logd", "grad-accum-iterations", "steps-per-generation-beta", "d-schedule", "agg"],
 )
 def test_grpo_and_discriminator_options_train(
     tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, options
@@ -498,11 +501,15 @@ def test_grpo_and_discriminator_options_train(
     assert len(logs) == 2
     for entry in logs:
         assert math.isfinite(entry["loss"]) and "sft/coef" in entry
-    # sft/loss is logged for steps whose micro-batches hold a demonstration (with steps_per_generation=2 a step may
-    # hold none); discriminator metrics come with each generation (with num_iterations=2, every other step).
-    assert any(math.isfinite(entry.get("sft/loss", math.nan)) for entry in logs)
-    # Discriminator metrics come with each generation (with num_iterations=2, every other step).
-    assert math.isfinite(logs[0]["discriminator/acc_real"])
+    # Every optimizer step carries demonstrations, whatever steps_per_generation and num_iterations.
+    assert all(math.isfinite(entry["sft/loss"]) for entry in logs)
+    # Discriminator metrics come with each generation (with num_iterations=2, every other step); bt's are pairwise.
+    if options.get("discriminator_loss") == "bt":
+        assert trainer.args.adversarial_reward == "score"
+        assert 0.0 <= logs[0]["discriminator/pairwise_acc"] <= 1.0 and math.isfinite(logs[0]["discriminator/score_gap"])
+        assert "discriminator/acc_real" not in logs[0] and "discriminator/js_estimate" not in logs[0]
+    else:
+        assert math.isfinite(logs[0]["discriminator/acc_real"])
     if "discriminator_warmup_steps" in options:
         assert [entry["adversarial/coef"] for entry in logs] == [0.0, 0.1]
         assert trainer._discriminator_state["num_updates"] == 1  # interval 2: updated at step 0 only
@@ -563,7 +570,7 @@ def test_adversarial_rewards_come_from_the_discriminator_before_or_after_its_upd
                     discriminator_score_in_update_pass=score_in_update_pass)  # fmt: skip
     discriminator = trainer.discriminator
     initial_model = copy.deepcopy(discriminator.model).eval()
-    calls = {"update_real": None, "update_fake": None, "scored_rows": 0, "rewards": None}
+    calls = {"update_real": None, "update_fake": None, "scored_rows": 0}
     update, score = discriminator.update, discriminator.score
 
     def spy_update(real_batches, fake_batches, *args, **kwargs):
@@ -575,29 +582,21 @@ def test_adversarial_rewards_come_from_the_discriminator_before_or_after_its_upd
         return score(batches)
 
     discriminator.update, discriminator.score = spy_update, spy_score
-    reward_index = trainer.reward_func_names.index("adversarial")
-    adversarial = trainer.reward_funcs[reward_index]
-
-    def spy_rewards(*args, **kwargs):
-        calls["rewards"] = adversarial(*args, **kwargs)
-        return calls["rewards"]
-
-    trainer.reward_funcs[reward_index] = spy_rewards
     trainer.train()
 
-    demo_rows = [i for i, is_demo in enumerate(trainer._batch_is_demonstration) if is_demo]
-    assert 0 < len(demo_rows) < len(calls["rewards"])
+    # `airl` without clipping: r_adv is the logit itself, recorded per row (NaN where unscored).
+    rewards = trainer._batch.adversarial_rewards.tolist()
+    demo_rows = [i for i, is_demo in enumerate(trainer._batch.is_demonstration) if is_demo]
+    assert 0 < len(demo_rows) < len(rewards)
     scorer = initial_model if score_in_update_pass else discriminator.model.eval()
     with torch.no_grad():
         expected = torch.cat([scorer(**batch).logits[:, 0] for batch in calls["update_fake"]])
-    demo_rewards = torch.tensor([calls["rewards"][i] for i in demo_rows])
+    demo_rewards = torch.tensor([rewards[i] for i in demo_rows])
     torch.testing.assert_close(demo_rewards, expected, atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         after = torch.cat([discriminator.model.eval()(**batch).logits[:, 0] for batch in calls["update_fake"]])
     assert not torch.allclose(after, torch.cat([initial_model(**b).logits[:, 0] for b in calls["update_fake"]]))
     num_real = sum(len(batch["input_ids"]) for batch in calls["update_real"])
     # Cheap path: one pass over the preference rows only; otherwise every completion and every expert completion.
-    expected_scored = (
-        len(calls["rewards"]) - len(demo_rows) if score_in_update_pass else len(calls["rewards"]) + num_real
-    )
+    expected_scored = len(rewards) - len(demo_rows) if score_in_update_pass else len(rewards) + num_real
     assert calls["scored_rows"] == expected_scored

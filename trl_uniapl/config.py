@@ -1,13 +1,16 @@
 """Configuration of the UniAPL trainer: GRPOConfig plus the SFT, adversarial and discriminator knobs."""
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl import GRPOConfig
 
 SFT_COEF_SCHEDULES = ("constant", "linear", "cosine")
-ADVERSARIAL_REWARDS = ("gail", "airl", "logd")
+ADVERSARIAL_REWARDS = ("gail", "airl", "logd", "score")
+BCE_ONLY_ADVERSARIAL_REWARDS = ("gail", "airl", "logd")
+LOG_2 = math.log(2.0)
 ADVERSARIAL_COEF_MODES = ("fixed", "lagrangian")
 ADVERSARIAL_REWARD_SCOPES = ("all", "demonstrations")
 DISCRIMINATOR_LOSSES = ("bce", "bt")
@@ -22,7 +25,11 @@ class UniAPLConfig(GRPOConfig):
     three terms UniAPL adds to GRPO (see `method.md` and the README for the objective and which parts of it are a
     reconstruction of arXiv 2509.25148):
 
-        L(θ) = L_GRPO(θ; advantages of r_task + λ·r_adv) + α(t)·L_SFT(θ; expert completions)
+        L(θ) = L_GRPO(θ; A_task + λ·A_adv) + α(t)·L_SFT(θ; expert completions)
+
+    A_task is TRL's advantage of the task rewards alone; A_adv is the discriminator's reward centred within each group
+    of `num_generations` completions and divided by its standard deviation over the batch (see
+    [`~trl_uniapl.discriminator.group_relative_advantages`]), so λ is its weight relative to a unit-scale A_task.
 
     Parameters:
         > Parameters that control the SFT term α(t)·L_SFT
@@ -40,12 +47,14 @@ class UniAPLConfig(GRPOConfig):
         > Parameters that control the adversarial reward λ·r_adv
 
         adversarial_coef (`float`, *optional*, defaults to `0.1`):
-            Weight λ of the discriminator's reward, added to the task rewards before GRPO's group normalisation. In
-            `"lagrangian"` mode this is the initial value of the multiplier. `0.0` (with `"fixed"` mode) disables the
-            discriminator.
-        adversarial_reward (`str`, *optional*, defaults to `"gail"`):
-            Reward computed from the discriminator's probability D that a completion is the expert's: `"gail"`
-            (−log(1−D)), `"airl"` (logit D) or `"logd"` (log D).
+            Weight λ of the adversarial advantage A_adv, added to the task advantage after TRL's normalisation:
+            A = A_task + λ·A_adv, both of unit scale. In `"lagrangian"` mode this is the initial value of the
+            multiplier. `0.0` (with `"fixed"` mode) disables the discriminator.
+        adversarial_reward (`str` or `None`, *optional*, defaults to `None`):
+            Reward computed from the discriminator's logit s = logit D: `"gail"` (−log(1−D)), `"airl"` (s), `"logd"`
+            (log D) or `"score"` (s minus the batch's mean expert logit). `None` means `"gail"` with
+            `discriminator_loss="bce"` and `"score"` with `"bt"`, whose logits have an arbitrary offset (only
+            `"score"` is accepted with `"bt"`).
         adversarial_reward_clip (`float` or `None`, *optional*, defaults to `5.0`):
             The adversarial reward is clipped to `[-clip, clip]`. `None` disables clipping.
         adversarial_reward_scope (`str`, *optional*, defaults to `"all"`):
@@ -54,7 +63,10 @@ class UniAPLConfig(GRPOConfig):
         adversarial_coef_mode (`str`, *optional*, defaults to `"fixed"`):
             `"fixed"` keeps λ at `adversarial_coef`; `"lagrangian"` runs dual ascent
             λ ← clip(λ + adversarial_coef_lr·(ĴS − divergence_target), 0, adversarial_coef_max) after every
-            discriminator update, with ĴS the discriminator's Jensen–Shannon estimate.
+            discriminator update once `discriminator_warmup_steps` are over, with ĴS the Jensen–Shannon estimate from
+            that update's forward pass (clamped at 0).
+            The λ a batch's advantages used is the one logged as `adversarial/coef`. Needs
+            `discriminator_loss="bce"` (a Bradley–Terry logit does not give D's probability).
         divergence_target (`float`, *optional*, defaults to `0.1`):
             Constraint level ε on the Jensen–Shannon divergence (in nats, between 0 and log 2) for `"lagrangian"`.
         adversarial_coef_lr (`float`, *optional*, defaults to `0.05`):
@@ -73,19 +85,24 @@ class UniAPLConfig(GRPOConfig):
             the discriminator gets the policy's quantization.
         discriminator_loss (`str`, *optional*, defaults to `"bce"`):
             `"bce"`: −log D(x, y_E) − log(1 − D(x, y_π)) (GAIL); `"bt"`: −log σ(s(x, y_E) − s(x, y_π)) on pairs of an
-            expert completion and a policy completion of the same prompt (Bradley–Terry, GAD arXiv 2511.10643).
+            expert completion and a policy completion of the same prompt (Bradley–Terry, GAD arXiv 2511.10643). The
+            bt loss sees only score differences, so its metrics are pairwise (`discriminator/pairwise_acc`,
+            `discriminator/score_gap`) and its reward is `"score"`.
         discriminator_learning_rate (`float`, *optional*, defaults to `1e-5`):
             Learning rate of the discriminator's own AdamW optimizer.
         discriminator_weight_decay (`float`, *optional*, defaults to `0.0`):
             Weight decay of the discriminator's optimizer.
         discriminator_update_interval (`int`, *optional*, defaults to `1`):
-            Policy optimizer steps between two discriminator updates.
+            Policy generation batches between two discriminator updates (one update per generation batch at 1).
         discriminator_steps (`int`, *optional*, defaults to `1`):
             Discriminator optimizer steps at each update, on the same batch.
-        discriminator_warmup_steps (`int`, *optional*, defaults to `0`):
-            Policy steps during which the discriminator trains but λ is held at 0.
+        discriminator_warmup_steps (`int`, *optional*, defaults to `10`):
+            Policy optimizer steps during which the discriminator trains but the applied λ is 0, so that a randomly
+            initialised score head does not steer the policy. 10 steps: on the embedded task the discriminator's
+            balanced accuracy rises from chance to its plateau in about that many updates (docs/method.md).
         discriminator_label_smoothing (`float`, *optional*, defaults to `0.0`):
-            One-sided label smoothing of the expert label (`"bce"` only): the target is `1 - smoothing`.
+            Label smoothing ε. `"bce"`: one-sided, the expert target is `1 - ε`. `"bt"`: each pair's preference
+            label is `1 - ε` (conservative Bradley–Terry).
         discriminator_max_grad_norm (`float` or `None`, *optional*, defaults to `1.0`):
             Gradient clipping of the discriminator. `None` disables it.
         discriminator_score_in_update_pass (`bool`, *optional*, defaults to `True`):
@@ -96,8 +113,9 @@ class UniAPLConfig(GRPOConfig):
             update's forward runs in train mode, so a discriminator with dropout scores with dropout on this path.
             `False` scores every row in eval mode after the update (one more forward pass over the batch).
         discriminator_collapse_patience (`int`, *optional*, defaults to `20`):
-            Number of consecutive discriminator updates with both accuracies ≥ 0.99 (it wins outright) or both
-            within 0.02 of 0.5 (it learns nothing) after which a collapse warning is logged.
+            Number of consecutive discriminator updates whose balanced accuracy (`"bce"`) or pairwise accuracy
+            (`"bt"`) is ≥ 0.99 (it wins outright) or within 0.02 of 0.5 (it learns nothing) after which a collapse
+            warning is logged.
 
         > Parameters that control the data streams
 
@@ -133,14 +151,15 @@ class UniAPLConfig(GRPOConfig):
     adversarial_coef: float = field(
         default=0.1,
         metadata={
-            "help": "Weight lambda of the discriminator reward (initial value in 'lagrangian' mode). 0 with 'fixed' "
-            "mode disables the discriminator."
+            "help": "Weight lambda of the adversarial advantage, A = A_task + lambda * A_adv (initial value in "
+            "'lagrangian' mode). 0 with 'fixed' mode disables the discriminator."
         },
     )
-    adversarial_reward: str = field(
-        default="gail",
+    adversarial_reward: str | None = field(
+        default=None,
         metadata={
-            "help": "Reward from the discriminator: 'gail' (-log(1-D)), 'airl' (logit D) or 'logd' (log D).",
+            "help": "Reward from the discriminator: 'gail' (-log(1-D)), 'airl' (logit D), 'logd' (log D) or 'score' "
+            "(logit minus the mean expert logit). None: 'gail' with the 'bce' loss, 'score' with 'bt'.",
             "choices": list(ADVERSARIAL_REWARDS),
         },
     )
@@ -188,14 +207,14 @@ class UniAPLConfig(GRPOConfig):
     discriminator_learning_rate: float = field(default=1e-5, metadata={"help": "Discriminator learning rate."})
     discriminator_weight_decay: float = field(default=0.0, metadata={"help": "Discriminator weight decay."})
     discriminator_update_interval: int = field(
-        default=1, metadata={"help": "Policy optimizer steps between two discriminator updates."}
+        default=1, metadata={"help": "Generation batches between two discriminator updates."}
     )
     discriminator_steps: int = field(default=1, metadata={"help": "Discriminator optimizer steps per update."})
     discriminator_warmup_steps: int = field(
-        default=0, metadata={"help": "Policy steps during which the discriminator trains but lambda is 0."}
+        default=10, metadata={"help": "Policy steps during which the discriminator trains but lambda is 0."}
     )
     discriminator_label_smoothing: float = field(
-        default=0.0, metadata={"help": "One-sided label smoothing of the expert label ('bce')."}
+        default=0.0, metadata={"help": "Label smoothing: expert target 1-eps ('bce'), pair label 1-eps ('bt')."}
     )
     discriminator_max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "Gradient clipping of the discriminator. None disables it."}
@@ -239,10 +258,12 @@ class UniAPLConfig(GRPOConfig):
                 raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
 
         check_choice("sft_coef_schedule", SFT_COEF_SCHEDULES)
+        check_choice("discriminator_loss", DISCRIMINATOR_LOSSES)
+        if self.adversarial_reward is None:
+            self.adversarial_reward = "score" if self.discriminator_loss == "bt" else "gail"
         check_choice("adversarial_reward", ADVERSARIAL_REWARDS)
         check_choice("adversarial_reward_scope", ADVERSARIAL_REWARD_SCOPES)
         check_choice("adversarial_coef_mode", ADVERSARIAL_COEF_MODES)
-        check_choice("discriminator_loss", DISCRIMINATOR_LOSSES)
 
         for name in ("sft_coef", "sft_coef_final", "adversarial_coef", "adversarial_coef_lr"):
             if getattr(self, name) < 0:
@@ -272,7 +293,7 @@ class UniAPLConfig(GRPOConfig):
                 f"`discriminator_label_smoothing` must be in [0, 0.5), got {self.discriminator_label_smoothing}."
             )
         if self.adversarial_coef_mode == "lagrangian":
-            if not 0.0 <= self.divergence_target <= 0.6931:
+            if not 0.0 <= self.divergence_target <= LOG_2:
                 raise ValueError(
                     f"`divergence_target` must be in [0, log 2 ≈ 0.693] nats, got {self.divergence_target}: the "
                     "Jensen-Shannon divergence never exceeds log 2."
@@ -282,6 +303,19 @@ class UniAPLConfig(GRPOConfig):
                     f"`adversarial_coef_max` ({self.adversarial_coef_max}) must be >= the initial `adversarial_coef` "
                     f"({self.adversarial_coef})."
                 )
+        if self.discriminator_loss == "bt" and self.adversarial_reward in BCE_ONLY_ADVERSARIAL_REWARDS:
+            raise ValueError(
+                f"`adversarial_reward={self.adversarial_reward!r}` reads the discriminator's logit as log-odds, but "
+                "`discriminator_loss='bt'` trains only differences of logits, so their offset is arbitrary. Use "
+                "`adversarial_reward='score'` (the logit minus the batch's mean expert logit) with 'bt', or "
+                "`discriminator_loss='bce'`."
+            )
+        if self.discriminator_loss == "bt" and self.adversarial_coef_mode == "lagrangian":
+            raise ValueError(
+                "`adversarial_coef_mode='lagrangian'` follows the discriminator's Jensen-Shannon estimate, which "
+                "needs D's probabilities; `discriminator_loss='bt'` trains only differences of logits. Use "
+                "`discriminator_loss='bce'` with 'lagrangian', or `adversarial_coef_mode='fixed'` with 'bt'."
+            )
         if self.demonstration_ratio is not None and not 0.0 <= self.demonstration_ratio <= 1.0:
             raise ValueError(
                 f"`demonstration_ratio` must be in [0, 1] (the share of prompts per generation batch that come from "

@@ -25,19 +25,47 @@ OPTIMIZER_NAME = "discriminator_optimizer.pt"
 STATE_NAME = "discriminator_state.json"
 
 
-def adversarial_reward(logits: torch.Tensor, kind: str, clip: float | None) -> torch.Tensor:
-    """Reward for the policy from the discriminator logit s = logit D: gail −log(1−D), airl s, logd log D."""
+def adversarial_reward(
+    logits: torch.Tensor, kind: str, clip: float | None, expert_score: float | None = None
+) -> torch.Tensor:
+    """Reward for the policy from the discriminator logit s = logit D: gail −log(1−D), airl s, logd log D, score
+    s − `expert_score` (the mean logit of the batch's expert completions: the only reading of a Bradley–Terry logit,
+    whose offset is arbitrary). Clipped to [−clip, clip] when `clip` is set."""
     if kind == "gail":
         rewards = F.softplus(logits)  # −log(1 − σ(s))
     elif kind == "airl":
         rewards = logits.clone()
     elif kind == "logd":
         rewards = F.logsigmoid(logits)
+    elif kind == "score":
+        if expert_score is None:
+            raise ValueError("The 'score' adversarial reward needs the mean expert score (`expert_score`).")
+        rewards = logits - expert_score
     else:
-        raise ValueError(f"Unknown adversarial reward {kind!r}; use 'gail', 'airl' or 'logd'.")
+        raise ValueError(f"Unknown adversarial reward {kind!r}; use 'gail', 'airl', 'logd' or 'score'.")
     if clip is not None:
         rewards = rewards.clamp(-clip, clip)
     return rewards
+
+
+def group_relative_advantages(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """
+    The adversarial advantage of every completion of a generation batch (all ranks, in group order):
+
+        A_adv(i) = (r(i) − mean_{j ∈ group(i)} r(j)) / (std_batch(r − group mean) + 1e-4)
+
+    Centred within each group of `num_generations` completions of one prompt (GRPO's baseline), then divided by one
+    standard deviation over the whole batch, so that A_adv has unit scale over the batch while groups that the
+    discriminator cannot tell apart keep an advantage near 0 (a per-group std would blow them up to unit scale). λ then
+    weighs A_adv against TRL's task advantage, itself of unit scale. Rows with a NaN reward (unscored) are left out of
+    the statistics and get an advantage of 0.
+    """
+    grouped = rewards.view(-1, num_generations)
+    centred = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)).view(-1)
+    scored = centred[~torch.isnan(centred)]
+    scale = scored.std(unbiased=True) if scored.numel() > 1 else centred.new_zeros(())
+    advantages = centred / (torch.nan_to_num(scale, nan=0.0) + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0)
 
 
 def discriminator_loss_sum(
@@ -45,8 +73,10 @@ def discriminator_loss_sum(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed (not averaged) losses on the real and fake sides; the caller divides by global counts.
 
-    `bce`: −log D(real) − log(1 − D(fake)), with one-sided label smoothing of the real label. `bt`: −log σ(s_real −
-    s_fake) over aligned pairs (returned as the real side; the fake side is 0).
+    `bce`: −log D(real) − log(1 − D(fake)), with one-sided label smoothing ε of the real label (target 1 − ε). `bt`:
+    −(1 − ε)·log σ(s_real − s_fake) − ε·log σ(s_fake − s_real) over aligned pairs, the Bradley–Terry loss with the
+    pair's label smoothed by ε (conservative BT, as DPO's `label_smoothing`); returned as the real side, the fake side
+    is 0.
     """
     if kind == "bce":
         real = F.binary_cross_entropy_with_logits(
@@ -55,7 +85,9 @@ def discriminator_loss_sum(
         fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits), reduction="sum")
         return real, fake
     if kind == "bt":
-        return -F.logsigmoid(real_logits - fake_logits).sum(), fake_logits.new_zeros(())
+        margin = real_logits - fake_logits
+        pair_loss = -(1.0 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
+        return pair_loss.sum(), fake_logits.new_zeros(())
     raise ValueError(f"Unknown discriminator loss {kind!r}; use 'bce' or 'bt'.")
 
 
@@ -324,6 +356,21 @@ def load_discriminator_model(
         ) from error
 
 
+def policy_quantization_config(policy: PreTrainedModel, trainer_quantization_config: Any = None) -> Any:
+    """The quantization of the policy however it was set (the trainer's `quantization_config`, `model_init_kwargs`, or
+    a model passed already quantized), or None for a policy in full precision."""
+    if not (getattr(policy, "is_loaded_in_4bit", False) or getattr(policy, "is_loaded_in_8bit", False)):
+        return None
+    if trainer_quantization_config is not None:
+        return trainer_quantization_config
+    config = getattr(getattr(policy, "config", None), "quantization_config", None)
+    if isinstance(config, dict):
+        from transformers import BitsAndBytesConfig
+
+        config = BitsAndBytesConfig.from_dict(config)
+    return config
+
+
 def load_discriminator_tokenizer(model_name_or_path: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(model_name_or_path)
@@ -364,7 +411,10 @@ def discriminator_lora_config(policy_peft_config: Any) -> Any:
 
 
 def js_estimate(real_log_d_sum: float, fake_log_1md_sum: float, num_real: float, num_fake: float) -> float:
-    """Jensen–Shannon estimate log 2 + ½(E_real log D + E_fake log(1 − D)) (nats)."""
+    """Jensen–Shannon estimate max(0, log 2 + ½(E_real log D + E_fake log(1 − D))) in nats.
+
+    The bound is only a lower bound of JS for the optimal D; a weak discriminator makes it negative, which would read
+    as "closer than identical" and push a Lagrangian λ down. JS ≥ 0, so the estimate is clamped at 0."""
     if num_real == 0 or num_fake == 0:
         return float("nan")
-    return math.log(2.0) + 0.5 * (real_log_d_sum / num_real + fake_log_1md_sum / num_fake)
+    return max(0.0, math.log(2.0) + 0.5 * (real_log_d_sum / num_real + fake_log_1md_sum / num_fake))

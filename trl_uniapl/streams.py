@@ -129,22 +129,34 @@ def _first_error_row(formats: list[str], fmt: str) -> int:
     return next(i for i, f in enumerate(formats) if f != fmt)
 
 
-def _validate_dataset(dataset: Dataset, name: str, demonstration_mask: list[bool]) -> list[str]:
-    if "prompt" not in dataset.column_names:
+def _validate_dataset(
+    dataset: Dataset, name: str, demonstration_mask: list[bool], require_prompts: bool = True
+) -> list[str]:
+    """Validate the rows and return the format of every row that has a prompt. Without `require_prompts` (an
+    environment supplies the prompts), preference rows are left to GRPOTrainer's own rules, except that a prompt they
+    have must be in the demonstrations' format."""
+    if "prompt" not in dataset.column_names and (require_prompts or any(demonstration_mask)):
         raise ValueError(
             f"{name} has no `prompt` column (columns: {dataset.column_names}). Rename the prompt column to `prompt`."
         )
-    rows_formats = []
-    prompts = dataset["prompt"]
+    rows_formats, format_rows = [], []
+    prompts = dataset["prompt"] if "prompt" in dataset.column_names else [None] * len(dataset)
     completions = dataset["completion"] if "completion" in dataset.column_names else [None] * len(dataset)
     for index, (prompt, completion, is_demo) in enumerate(zip(prompts, completions, demonstration_mask, strict=True)):
-        row = {"prompt": prompt, "completion": completion}
-        rows_formats.append(validate_row(row, name, index, demonstration=is_demo))
+        if is_demo or require_prompts:
+            row = {"prompt": prompt, "completion": completion}
+            rows_formats.append(validate_row(row, name, index, demonstration=is_demo))
+        elif isinstance(prompt, (str, list)) and prompt:
+            rows_formats.append(field_format(prompt, name, index, "prompt"))
+        else:
+            continue
+        format_rows.append(index)
     if len(set(rows_formats)) > 1:
-        index = _first_error_row(rows_formats, rows_formats[0])
+        position = _first_error_row(rows_formats, rows_formats[0])
         raise ValueError(
-            f"{name} row {index} is {rows_formats[index]} but row 0 is {rows_formats[0]}. All rows must use the same "
-            "format (strings, or lists of {'role', 'content'} messages)."
+            f"{name} row {format_rows[position]} is {rows_formats[position]} but row {format_rows[0]} is "
+            f"{rows_formats[0]}. All rows must use the same format (strings, or lists of {{'role', 'content'}} "
+            "messages)."
         )
     return rows_formats
 
@@ -197,13 +209,17 @@ def _demonstration_mask(dataset: Dataset) -> list[bool]:
 def merge_streams(
     train_dataset: Dataset | IterableDataset | None,
     demonstration_dataset: Dataset | None,
+    demonstrations_in_train_dataset: bool = True,
+    require_prompts: bool = True,
 ) -> Streams:
     """
-    Validate both streams and merge them into one dataset.
+    Validate the demonstrations and merge both streams into one dataset.
 
-    In `train_dataset`, a row whose `completion` is not None is a demonstration; a row with no `completion` (or None)
-    is a preference prompt. Every row of `demonstration_dataset` is a demonstration. Raises a ValueError naming the
-    dataset, row and field for any malformed row.
+    With `demonstrations_in_train_dataset`, a row of `train_dataset` whose `completion` is not None is a
+    demonstration; otherwise (a GRPO script whose dataset merely has a `completion` column, e.g. reference answers
+    for a reward function) every row of `train_dataset` is a preference prompt. Every row of `demonstration_dataset`
+    is a demonstration. Raises a ValueError naming the dataset, row and field for any malformed row; without
+    `require_prompts` (an environment supplies the prompts) only demonstrations need a prompt.
     """
     if isinstance(demonstration_dataset, IterableDataset):
         raise ValueError(
@@ -220,8 +236,10 @@ def merge_streams(
         # Streaming rows are validated batch by batch during training.
         return Streams(train_dataset, [], [], None)
 
-    train_mask = _demonstration_mask(train_dataset)
-    formats = {"train_dataset": set(_validate_dataset(train_dataset, "train_dataset", train_mask))}
+    train_mask = (
+        _demonstration_mask(train_dataset) if demonstrations_in_train_dataset else [False] * len(train_dataset)
+    )
+    formats = {"train_dataset": set(_validate_dataset(train_dataset, "train_dataset", train_mask, require_prompts))}
     if demonstration_dataset is None:
         merged = train_dataset
         demonstration_mask = train_mask

@@ -101,6 +101,21 @@ def test_demonstration_mix_on_every_rank(reports):
         assert sum(len(p) for p in prompts) == 4
 
 
+def test_adversarial_advantages_equal_the_single_process_result(reports):
+    """A_adv is computed on the rewards of the whole generation batch (gathered over ranks, in rank order): each rank's
+    slice equals what one process computes from the same rewards."""
+    import torch
+
+    from trl_uniapl.discriminator import group_relative_advantages
+
+    for step in range(MAX_STEPS):
+        rewards = torch.tensor([r for report in reports for r in report["adversarial"][step]["rewards"]])
+        advantages = torch.tensor([a for report in reports for a in report["adversarial"][step]["advantages"]])
+        assert torch.isfinite(rewards).any() and advantages.abs().max() > 0
+        single_process = group_relative_advantages(rewards, reports[0]["num_generations"])
+        torch.testing.assert_close(advantages, single_process, rtol=1e-6, atol=1e-7)
+
+
 def test_metrics_reduced_and_finite(reports):
     histories = [report["log_history"] for report in reports]
     step_logs = [entry for entry in histories[0] if "loss" in entry]

@@ -226,10 +226,13 @@ class UniAPLTrainer(GRPOTrainer):
         discriminator_peft_config=None,
         discriminator_processing_class: PreTrainedTokenizerBase | None = None,
     ):
+        # A plain GRPOConfig is a GRPO script with the class swapped: its `completion` column (e.g. reference answers
+        # for a reward function) is not a demonstration, so that the swap alone never changes training.
+        demonstrations_in_train_dataset = args is None or isinstance(args, UniAPLConfig)
         streams = merge_streams(
             train_dataset,
             demonstration_dataset,
-            demonstrations_in_train_dataset=args is None or isinstance(args, UniAPLConfig),
+            demonstrations_in_train_dataset=demonstrations_in_train_dataset,
             require_prompts=environment_factory is None,
         )
         if args is None:
@@ -260,6 +263,7 @@ class UniAPLTrainer(GRPOTrainer):
         )
 
         self._has_demonstrations = streams.has_demonstrations
+        self._demonstrations_in_train_dataset = demonstrations_in_train_dataset
         self._batch = GenerationBatch()
         self._sft_micro_batches: list[dict[str, torch.Tensor]] = []
         self.discriminator: Discriminator | None = None
@@ -414,7 +418,7 @@ class UniAPLTrainer(GRPOTrainer):
         """GRPO's batch, with λ·A_adv added to its advantages and each micro-step's demonstrations prepared for the SFT
         term."""
         if not self._has_demonstrations:
-            if isinstance(self.args, UniAPLConfig) and any(row.get("completion") is not None for row in inputs):
+            if self._demonstrations_in_train_dataset and any(row.get("completion") is not None for row in inputs):
                 raise ValueError(
                     "A training row has a `completion` (a demonstration), but the trainer was built without "
                     "demonstrations (e.g. from an IterableDataset). Pass the demonstrations as a map-style "
@@ -828,27 +832,29 @@ class UniAPLTrainer(GRPOTrainer):
             os.remove(marker)  # overwriting an older checkpoint of the same step: incomplete until rewritten
         # The parent deletes older checkpoints (save_total_limit) before returning: rotate only once this one is
         # complete, so that an interruption while writing it never leaves the run without a complete checkpoint.
-        save_total_limit = self.args.save_total_limit
-        self.args.save_total_limit = None
+        # Likewise the parent pushes the checkpoint to the Hub before returning: push only once it is complete.
+        save_total_limit, push_to_hub = self.args.save_total_limit, self.args.push_to_hub
+        self.args.save_total_limit, self.args.push_to_hub = None, False
         try:
             super()._save_checkpoint(model, trial)
         finally:
-            self.args.save_total_limit = save_total_limit
-        if not self.args.should_save:
-            return
-        if self.discriminator is not None:
-            self.discriminator.save_training_state(
-                os.path.join(checkpoint_dir, DISCRIMINATOR_DIR), self._uniapl_state()
+            self.args.save_total_limit, self.args.push_to_hub = save_total_limit, push_to_hub
+        if self.args.should_save:
+            if self.discriminator is not None:
+                self.discriminator.save_training_state(
+                    os.path.join(checkpoint_dir, DISCRIMINATOR_DIR), self._uniapl_state()
+                )
+            # Written last: a checkpoint without it was interrupted while being written.
+            with open(marker, "w") as f:
+                json.dump({"global_step": self.state.global_step}, f)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
             )
-        # Written last: a checkpoint without it was interrupted while being written.
-        with open(marker, "w") as f:
-            json.dump({"global_step": self.state.global_step}, f)
-        rotate_checkpoints(
-            output_dir=run_dir,
-            save_total_limit=save_total_limit,
-            best_model_checkpoint=self.state.best_model_checkpoint,
-            use_mtime=True,
-        )
+        if push_to_hub:
+            self._push_from_checkpoint(checkpoint_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

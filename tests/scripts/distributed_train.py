@@ -73,6 +73,16 @@ def main(model_path: str, out_dir: str, max_steps: int = 3) -> None:
         train_dataset=preference,
         demonstration_dataset=demonstrations,
     )
+    adversarial = []  # per generation batch: this rank's r_adv and A_adv
+    adversarial_advantages = trainer._adversarial_advantages
+
+    def recorded_adversarial_advantages(mode):
+        advantages = adversarial_advantages(mode)
+        rewards = trainer._batch.adversarial_rewards
+        adversarial.append({"rewards": rewards.tolist(), "advantages": advantages.tolist()})
+        return advantages
+
+    trainer._adversarial_advantages = recorded_adversarial_advantages
     discriminator_before, _ = params_digest(trainer.discriminator.model)
     policy_before, _ = params_digest(trainer.accelerator.unwrap_model(trainer.model))
     trainer.train()
@@ -92,6 +102,8 @@ def main(model_path: str, out_dir: str, max_steps: int = 3) -> None:
         "discriminator_changed": discriminator_hash != discriminator_before,
         "adversarial_coef": trainer.adversarial_coef,
         "batches": batches,
+        "adversarial": adversarial,
+        "num_generations": trainer.num_generations,
         "log_history": trainer.state.log_history,
     }
     os.makedirs(out_dir, exist_ok=True)

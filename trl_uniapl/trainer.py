@@ -449,12 +449,11 @@ class UniAPLTrainer(GRPOTrainer):
             self._sft_micro_batches = self._build_sft_micro_batches(mode)
         return output
 
-    def _is_carrier(self, row: int, mode: str) -> bool:
-        """Whether this process's `row` is the first of its group of `num_generations` copies of one prompt (over all
-        processes): a demonstration counts once per generation batch through its carrier row."""
+    def _is_carrier(self, row: int, num_rows: int, mode: str) -> bool:
+        """Whether this process's `row` (of `num_rows`) is the first of its group of `num_generations` copies of one
+        prompt over all processes: a demonstration counts once per generation batch, through its carrier row."""
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        offset = self.accelerator.process_index * len(self._batch.is_demonstration)
-        return (offset + row) % num_generations == 0
+        return (self.accelerator.process_index * num_rows + row) % num_generations == 0
 
     def _tokenize_expert_completions(
         self, inputs: list[dict[str, Any]], is_demonstration: list[bool], mode: str
@@ -462,8 +461,6 @@ class UniAPLTrainer(GRPOTrainer):
         """Expert completion token ids, rendered as the policy would produce them (ending with eos)."""
         tokenizer = self._tokenizer
         eos_token_id = tokenizer.eos_token_id
-        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        offset = self.accelerator.process_index * len(inputs)
         expert_ids, lengths, truncated = [], [], 0
         for index, (row, is_demo) in enumerate(zip(inputs, is_demonstration, strict=True)):
             if not is_demo:
@@ -482,7 +479,8 @@ class UniAPLTrainer(GRPOTrainer):
                 ids = ids[: eos_positions[-1] + 1] if eos_positions else ids + [eos_token_id]
             else:
                 ids = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [eos_token_id]
-            is_carrier = (offset + index) % num_generations == 0  # count each demonstration once, not per generation
+            # Lengths and truncation are counted once per demonstration, not once per generation.
+            is_carrier = self._is_carrier(index, len(inputs), mode)
             if is_carrier:
                 lengths.append(min(len(ids), self.max_completion_length))
             if len(ids) > self.max_completion_length:
@@ -518,7 +516,11 @@ class UniAPLTrainer(GRPOTrainer):
         that its SFT gradient is exactly α·∇ token-mean NLL of its demonstrations. In evaluation, one micro-step.
         """
         batch = self._batch
-        carriers = [row for row, ids in enumerate(batch.expert_ids) if ids is not None and self._is_carrier(row, mode)]
+        carriers = [
+            row
+            for row, ids in enumerate(batch.expert_ids)
+            if ids is not None and self._is_carrier(row, len(batch.expert_ids), mode)
+        ]
         micro_steps = self.args.steps_per_generation if mode == "train" else 1
         window = self.args.gradient_accumulation_steps if mode == "train" else 1
         num_steps = micro_steps // window

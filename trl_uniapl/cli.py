@@ -729,6 +729,24 @@ def demo_config(output_dir: str, max_steps: int, seed: int, quick: bool = False,
     return UniAPLConfig(**settings)
 
 
+DEMO_OUTPUT_DIR = "uniapl-demo"
+
+
+def find_demo_output(start: str | os.PathLike | None = None, levels: int = 2) -> Path | None:
+    """The output folder of `trl-uniapl demo` (`uniapl-demo/` holding `model/config.json`) in `start` (default: the
+    current directory) or one of its `levels` nearest parents, or None.
+
+    Jupyter runs a notebook from its own folder (`examples/notebooks/`) while the demo is usually run from the
+    repository root, two levels up; the search stops there so that an unrelated `uniapl-demo/` higher up is not
+    picked."""
+    folder = Path(start or os.getcwd()).resolve()
+    for candidate in [folder, *folder.parents][: levels + 1]:
+        output = candidate / DEMO_OUTPUT_DIR
+        if (output / "model" / "config.json").exists():
+            return output
+    return None
+
+
 def _log_series(log_history: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     points = [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
     return [p[0] for p in points], [float(p[1]) for p in points]
@@ -742,19 +760,20 @@ def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str | os.P
     import matplotlib.pyplot as plt
 
     panels = [
-        ("Task and total reward", ["rewards/ifeval_dense_reward/mean", "reward"]),
-        ("SFT loss on expert completions", ["sft/loss"]),
-        ("Discriminator accuracy", ["discriminator/acc_real", "discriminator/acc_fake"]),
-        ("Adversarial reward and JS estimate", ["adversarial/reward_mean", "discriminator/js_estimate"]),
+        ("Task and total reward", "mean reward per completion", ["rewards/ifeval_dense_reward/mean", "reward"]),
+        ("SFT loss on expert completions", "NLL per token (nats)", ["sft/loss"]),
+        ("Discriminator accuracy", "accuracy", ["discriminator/acc_real", "discriminator/acc_fake"]),
+        ("Adversarial reward and JS estimate", "value", ["adversarial/reward_mean", "discriminator/js_estimate"]),
     ]
     figure, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for axis, (title, keys) in zip(axes.flat, panels):
+    for axis, (title, ylabel, keys) in zip(axes.flat, panels):
         for key in keys:
             steps, values = _log_series(log_history, key)
             if steps:
                 axis.plot(steps, values, marker=".", label=key)
         axis.set_title(title)
         axis.set_xlabel("step")
+        axis.set_ylabel(ylabel)
         if axis.lines:
             axis.legend(fontsize=7)
     figure.tight_layout()
@@ -766,7 +785,10 @@ def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str | os.P
 def plot_distributions(
     lengths: dict[str, Sequence[float]], logprobs: dict[str, Sequence[float]], path: str | os.PathLike
 ) -> str:
-    """Histograms of response lengths and of mean token log-probabilities (policy vs expert), saved at `path`."""
+    """Histograms of response lengths and of mean token log-probabilities, saved at `path`.
+
+    `logprobs` keys that start with `before:`/`after:` followed by the same text (e.g. `before: own responses`) are
+    drawn in one panel per text, before against after, so that no panel overlays more than two histograms."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -777,17 +799,26 @@ def plot_distributions(
         values = np.concatenate([np.asarray(v, dtype=float) for v in samples.values() if len(v)] or [np.zeros(1)])
         return np.histogram_bin_edges(values, bins=25)
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    panels: dict[str, dict[str, Sequence[float]]] = {}
+    for name, values in logprobs.items():
+        when, _, what = name.partition(": ")
+        panels.setdefault(what or name, {})[when if what else name] = values
+    figure, axes = plt.subplots(1, 1 + len(panels), figsize=(5.5 * (1 + len(panels)), 4), squeeze=False)
+    axes = axes[0]
     bins = shared_bins(lengths)
     for name, values in lengths.items():
-        left.hist(values, bins=bins, alpha=0.5, label=name)
-    left.set_title("Response length (tokens)")
-    left.legend(fontsize=8)
-    bins = shared_bins(logprobs)
-    for name, values in logprobs.items():
-        right.hist(values, bins=bins, alpha=0.5, label=name)
-    right.set_title("Mean token log-prob")
-    right.legend(fontsize=8)
+        axes[0].hist(values, bins=bins, alpha=0.5, label=name)
+    axes[0].set_title("Response length")
+    axes[0].set_xlabel("tokens")
+    bins = shared_bins(logprobs)  # one scale for every log-prob panel, so they compare
+    for axis, (what, series) in zip(axes[1:], panels.items()):
+        for name, values in series.items():
+            axis.hist(values, bins=bins, alpha=0.5, label=name)
+        axis.set_title(f"Mean token log-prob of {what}")
+        axis.set_xlabel("log-prob per token (nats)")
+    for axis in axes:
+        axis.set_ylabel("number of prompts")
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -880,10 +911,10 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
             "expert": after["expert_response_lengths"],
         },
         {
-            "before: own responses": before["own_logprobs"],
-            "after: own responses": after["own_logprobs"],
-            "before: expert responses": before["expert_logprobs"],
-            "after: expert responses": after["expert_logprobs"],
+            "before: the model's own responses": before["own_logprobs"],
+            "after: the model's own responses": after["own_logprobs"],
+            "before: the expert's responses": before["expert_logprobs"],
+            "after: the expert's responses": after["expert_logprobs"],
         },
         output_dir / "distributions.png",
     )

@@ -549,15 +549,34 @@ def prepare_training(script_args: TrainScriptArguments, training_args, model_arg
     }
 
 
+DEVICE_AND_PRECISION_OPTIONS = ("use_cpu", "bf16", "fp16")
+
+
+def _sets_device_or_precision(argv: Sequence[str]) -> bool:
+    """Whether the command line or its `--config` YAML chooses the device or the precision itself."""
+    for token in argv:
+        name = token.lstrip("-").split("=", 1)[0].replace("-", "_")
+        if token.startswith("--") and name in DEVICE_AND_PRECISION_OPTIONS:
+            return True
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        import yaml
+
+        with open(argv[argv.index("--config") + 1]) as file:
+            config = yaml.safe_load(file)
+        return isinstance(config, dict) and any(name in config for name in DEVICE_AND_PRECISION_OPTIONS)
+    return False
+
+
 def train_main(argv: Sequence[str] | None = None):
     """`trl-uniapl train`: UniAPL training from flags and/or a YAML `--config`; returns the trainer."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_train_parser()
-    on_cpu = not cuda_available()
-    if on_cpu:
+    detect_cpu = not cuda_available() and not _sets_device_or_precision(argv)
+    if detect_cpu:
         # TRL defaults to bf16, which fails on a CPU-only machine; a YAML config or a flag can still override this.
         parser.set_defaults(use_cpu=True, bf16=False)
     script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    if on_cpu and training_args.use_cpu and not training_args.bf16:
+    if detect_cpu:
         print("trl-uniapl: no CUDA GPU found: training on the CPU in fp32.", file=sys.stderr)
     return run_training(script_args, training_args, model_args)
 

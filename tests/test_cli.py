@@ -384,21 +384,33 @@ def test_parse_resume():
     assert cli.parse_resume("out/checkpoint-4") == "out/checkpoint-4"
 
 
-def test_resume_true_and_damaged_checkpoint(tiny_model_path, task_files, tmp_path):
+def test_resume_true_and_damaged_checkpoint(tiny_model_path, task_files, tmp_path, monkeypatch):
+    from trl_uniapl.trainer import UniAPLTrainer
+
     output = tmp_path / "out"
     argv = train_argv(tiny_model_path, task_files, output)
     argv[argv.index("--save_strategy") + 1] = "steps"
     argv += ["--save_steps", "1"]
     cli.run(argv)
     assert (output / "checkpoint-2").is_dir()
-    trainer = cli.run([*argv, "--resume_from_checkpoint", "true"])  # already at max_steps: restores, trains nothing
-    assert trainer.state.global_step == 2
+    resumed_from = []
+    train = UniAPLTrainer.train
 
-    (output / "checkpoint-2" / "model.safetensors").write_bytes(os.urandom(4096))
+    def recording_train(self, resume_from_checkpoint=None, *args, **kwargs):
+        resumed_from.append(resume_from_checkpoint)
+        return train(self, resume_from_checkpoint, *args, **kwargs)
+
+    monkeypatch.setattr(UniAPLTrainer, "train", recording_train)
+    cli.run([*argv, "--resume_from_checkpoint", "true"])  # was "Can't find a valid checkpoint at true"
+    assert resumed_from == [str(output / "checkpoint-2")]
+    monkeypatch.undo()
+
+    newest = max(int(path.name.split("-")[1]) for path in output.glob("checkpoint-*"))
+    (output / f"checkpoint-{newest}" / "model.safetensors").write_bytes(os.urandom(4096))
     result, _ = run_script(*argv, "--resume_from_checkpoint", "true", cwd=tmp_path)
     assert result.returncode == 1
-    assert f"checkpoint file {output}/checkpoint-2/model.safetensors is damaged" in result.stderr
-    assert f"--resume_from_checkpoint {output}/checkpoint-1" in result.stderr
+    assert f"checkpoint file {output}/checkpoint-{newest}/model.safetensors is damaged" in result.stderr
+    assert f"--resume_from_checkpoint {output}/checkpoint-{newest - 1}" in result.stderr
     assert "Traceback" not in result.stderr
 
     from trl_uniapl.checkpoints import CheckpointError, check_checkpoint_files

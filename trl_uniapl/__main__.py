@@ -1,6 +1,8 @@
 """`python -m trl_uniapl ...` is the `trl-uniapl` command."""
 
+import sys
+
 from .cli import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

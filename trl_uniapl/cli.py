@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
+import re
 import sys
 import time
+import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +42,16 @@ REWARD_FUNCS = {
 
 IFEVAL_COLUMNS = ("instruction_id_list", "kwargs")
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+# A name ending like this is meant as a local file: Hub ids never do, so it must not be looked up on the Hub.
+FILE_SUFFIXES = (*LOCAL_FORMATS, ".txt", ".tsv", ".yaml", ".yml", ".gz", ".zip", ".bin", ".safetensors", ".pt")
+
+
+class UserError(ValueError):
+    """An expected mistake in the command's input: `trl-uniapl` prints the message alone and exits with status 1."""
+
+
+# Errors a user causes with the input they give; the command prints their message alone (traceback with --verbose).
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 
 # Settings of the demo, tuned so that the student's held-out strict accuracy rises clearly on 2 CPU cores.
 DEMO_SETTINGS: dict[str, Any] = {
@@ -195,12 +209,49 @@ class EvaluateArguments:
 # --------------------------------------------------------------------------------------------------------------------
 # Loading helpers
 # --------------------------------------------------------------------------------------------------------------------
-def check_model_path(model_name_or_path: str | None) -> str:
-    """Return `model_name_or_path` if it is an existing directory or a plausible Hub id (`student` builds or loads the
-    embedded task's student), else raise a clear `ValueError` (a missing local path, or a Hub id that is not cached
-    while offline)."""
+def hub_offline() -> bool:
+    """Whether `HF_HUB_OFFLINE` asks for no Hub access."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether `name` can only mean a local file or folder, never a Hub id (`org/name` or `name`).
+
+    True for names starting with `.`, `/` or `~`, with a file extension (`prefs.jsonl`), with more than one `/`, or
+    whose first component is an existing local folder (`data/demos`, `uniapl-demo/modle`)."""
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    if Path(name).suffix.lower() in FILE_SUFFIXES:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).expanduser().is_dir()
+
+
+def file_not_found(name: str, what: str, hint: str = "") -> FileNotFoundError:
+    """The error for a local `name` that does not exist; it names the directory relative paths are resolved in."""
+    message = f"file not found: {name} ({what}; relative paths are read from the current directory {os.getcwd()})."
+    return FileNotFoundError(f"{message} {hint}".rstrip())
+
+
+def _cached_on_hub(model_name_or_path: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(
+        isinstance(try_to_load_from_cache(model_name_or_path, name), str)
+        for name in ("config.json", "adapter_config.json")
+    )
+
+
+def check_model_path(model_name_or_path: str | None, hint: str = "", hub_timeout: float = 10.0) -> str:
+    """Return a loadable model location for `model_name_or_path` (`student` builds or loads the embedded task's
+    student), or raise at once with a clear message.
+
+    A name that looks like a local path (see [`looks_like_local_path`]) and does not exist raises `FileNotFoundError`
+    ("file not found: ...") without any network access. A Hub id that is not in the Hugging Face cache raises a
+    [`UserError`] when `HF_HUB_OFFLINE` is set, or when one metadata request to the Hub (no retries, `hub_timeout`
+    seconds) fails, instead of the minutes of retries `from_pretrained` would spend. `hint` is appended to the
+    messages (e.g. how to use a local model instead)."""
     if not model_name_or_path:
-        raise ValueError("No model given: pass `--model_name_or_path <local directory or Hub id>`.")
+        raise UserError("No model given: pass `--model_name_or_path <local directory or Hub id>`.")
     if model_name_or_path == STUDENT_MODEL:
         from .student import build_student
 
@@ -208,23 +259,34 @@ def check_model_path(model_name_or_path: str | None) -> str:
     path = Path(model_name_or_path).expanduser()
     if path.exists():
         if path.is_dir() and not (path / "config.json").exists() and not (path / "adapter_config.json").exists():
-            raise ValueError(
+            raise UserError(
                 f"Model path {model_name_or_path!r} exists but holds no `config.json`: pass a directory written by "
                 "`save_pretrained`."
             )
         return str(path)
-    looks_local = model_name_or_path.startswith((".", "/", "~")) or model_name_or_path.count("/") > 1
-    if looks_local:
-        raise ValueError(f"Model path {model_name_or_path!r} does not exist. Pass an existing directory or a Hub id.")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        from huggingface_hub import try_to_load_from_cache
+    if looks_like_local_path(model_name_or_path):
+        raise file_not_found(model_name_or_path, "model folder", hint)
+    if _cached_on_hub(model_name_or_path):
+        return model_name_or_path
+    where = (
+        f"Model {model_name_or_path!r} is not a local folder (looked in {os.getcwd()}) nor in the Hugging Face cache"
+    )
+    if hub_offline():
+        raise UserError(f"{where}, and HF_HUB_OFFLINE is set. {hint}".rstrip())
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
-        if not isinstance(try_to_load_from_cache(model_name_or_path, "config.json"), str):
-            raise ValueError(
-                f"Model {model_name_or_path!r} is neither a local directory nor in the Hugging Face cache, and "
-                "HF_HUB_OFFLINE is set. Pass a local directory, or download the model first."
-            )
-    return model_name_or_path
+    try:
+        HfApi().model_info(model_name_or_path, timeout=hub_timeout)
+    except RepositoryNotFoundError:
+        reason = "the Hub has no such model (or it needs a login)"
+    except HfHubHTTPError:  # the Hub answered (rate limit, server error): leave the decision to from_pretrained
+        return model_name_or_path
+    except Exception as error:  # no network: connection errors differ between requests and httpx
+        reason = f"the Hub cannot be reached ({type(error).__name__}: {error})"
+    else:
+        return model_name_or_path
+    raise UserError(f"{where}, and {reason}. {hint}".rstrip())
 
 
 def _embedded_split(split: str, role: str, seed: int) -> Dataset:
@@ -254,14 +316,22 @@ def load_any_dataset(
     if path.is_file():
         builder = LOCAL_FORMATS.get("".join(path.suffixes[-1:]).lower())
         if builder is None:
-            raise ValueError(f"Unsupported data file {name!r}: use one of {sorted(LOCAL_FORMATS)}.")
+            raise UserError(f"Unsupported data file {name!r}: use one of {sorted(LOCAL_FORMATS)}.")
         loaded = load_dataset(builder, data_files=str(path))
     elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         loaded = load_from_disk(str(path))
+    elif path.is_dir():
+        loaded = load_dataset(str(path), name=config)
+    elif looks_like_local_path(name):
+        raise file_not_found(name, f"{role} dataset")
     else:
-        if name.startswith((".", "/", "~")) and not path.exists():
-            raise ValueError(f"Dataset path {name!r} does not exist.")
-        loaded = load_dataset(str(path) if path.is_dir() else name, name=config)
+        try:
+            loaded = load_dataset(name, name=config)
+        except ConnectionError as error:  # offline (HF_HUB_OFFLINE fails at once) or the Hub is unreachable
+            raise UserError(
+                f"Dataset {name!r} is not a local file or folder (looked in {os.getcwd()}) and could not be loaded "
+                f"from the Hugging Face Hub: {error}"
+            ) from error
     if isinstance(loaded, Dataset):
         return loaded
     if split in loaded:
@@ -313,13 +383,98 @@ def _uses_ifeval(reward_names: Sequence[str]) -> bool:
 # --------------------------------------------------------------------------------------------------------------------
 # train
 # --------------------------------------------------------------------------------------------------------------------
+TRAIN_USAGE = "trl-uniapl train [--config run.yaml] [options]   (`trl-uniapl train --help` lists the options)"
+
+
+def _help_sections(parser, sections: Sequence[tuple[str, str, Sequence[str]]], rest_title: str) -> None:
+    """List the options whose destinations are in each section first in `--help`, one titled group per section,
+    and every other option after them under `rest_title`.
+
+    Argparse groups options by where they were added; TrlParser adds each dataclass's fields in one block, so
+    UniAPL's few options would come after TrainingArguments' hundreds. Only the help layout changes, not parsing."""
+    rest = parser._optionals
+    groups = []
+    for title, description, dests in sections:
+        group = parser.add_argument_group(title, description)
+        wanted = set(dests)
+        moved = [action for action in rest._group_actions if action.dest in wanted]
+        rest._group_actions[:] = [action for action in rest._group_actions if action.dest not in wanted]
+        group._group_actions.extend(moved)
+        groups.append(group)
+    rest.title = rest_title
+    parser._action_groups[:] = [parser._positionals, *groups, rest]
+
+
 def make_train_parser(prog: str = "trl-uniapl train"):
-    """TrlParser of `trl-uniapl train`: script arguments, [`UniAPLConfig`] and `trl.ModelConfig`."""
-    from trl import ModelConfig, TrlParser
+    """TrlParser of `trl-uniapl train`: script arguments, [`UniAPLConfig`] and `trl.ModelConfig`; `--help` lists the
+    dataset and UniAPL options first, then the model's, GRPO's and the Trainer's."""
+    from dataclasses import fields
+
+    from transformers import TrainingArguments
+    from trl import GRPOConfig, ModelConfig, TrlParser
 
     from .config import UniAPLConfig
 
-    return TrlParser((TrainScriptArguments, UniAPLConfig, ModelConfig), prog=prog)
+    parser = TrlParser((TrainScriptArguments, UniAPLConfig, ModelConfig), prog=prog, usage=TRAIN_USAGE)
+
+    def names(dataclass, minus=None) -> list[str]:
+        excluded = {f.name for f in fields(minus)} if minus else set()
+        return [f.name for f in fields(dataclass) if f.name not in excluded]
+
+    _help_sections(
+        parser,
+        [
+            ("datasets and rewards", None, ["help", "config", *names(TrainScriptArguments)]),
+            ("UniAPL (SFT term, discriminator, adversarial reward)", None, names(UniAPLConfig, GRPOConfig)),
+            ("model, LoRA and quantization (trl.ModelConfig)", None, names(ModelConfig)),
+            ("GRPO (trl.GRPOConfig)", None, names(GRPOConfig, TrainingArguments)),
+        ],
+        "training loop, logging and saving (transformers.TrainingArguments)",
+    )
+    return parser
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def parse_resume(value: str | bool | None) -> str | bool | None:
+    """`--resume_from_checkpoint` as `Trainer.train` takes it: `true`/`false` (any case, as the error messages and
+    YAML spell them) become booleans unless a folder of that name exists; a path stays a path."""
+    if not isinstance(value, str) or os.path.isdir(value):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ("true", "yes", "1"):
+        return True
+    if lowered in ("false", "no", "0", "none", ""):
+        return None
+    return value
+
+
+def resolve_resume(resume: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint folder to resume from (the newest complete one for `True`), checked file by file; raises a
+    clear error for a missing folder or a damaged file."""
+    from .checkpoints import check_checkpoint_files
+
+    if resume is None or resume is False:
+        return None
+    if resume is True:
+        from .trainer import last_complete_checkpoint
+
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise UserError(
+                f"--resume_from_checkpoint true, but {output_dir} holds no complete checkpoint (checkpoint-N folders "
+                "are written every `save_steps`). Train without it to start from scratch."
+            )
+    else:
+        checkpoint = str(resume)
+        if not os.path.isdir(checkpoint):
+            raise file_not_found(checkpoint, "checkpoint folder", "Pass a checkpoint-N folder, or `true`.")
+    check_checkpoint_files(checkpoint)
+    return checkpoint
 
 
 def prepare_training(script_args: TrainScriptArguments, training_args, model_args) -> dict[str, Any]:
@@ -335,8 +490,12 @@ def prepare_training(script_args: TrainScriptArguments, training_args, model_arg
     if script_args.dataset_name is None and script_args.demonstration_dataset_name is None:
         raise ValueError("No training data: pass `--dataset_name` and/or `--demonstration_dataset_name`.")
 
-    ifeval_hint = "The IFEval rewards read `instruction_id_list` and `kwargs` (google/IFEval format)."
-    needs = ["prompt", *IFEVAL_COLUMNS] if _uses_ifeval(script_args.reward_funcs or []) else ["prompt"]
+    uses_ifeval = _uses_ifeval(script_args.reward_funcs or [])
+    # Only the IFEval rewards read these columns: a custom reward's user must not be sent looking for them.
+    ifeval_hint = (
+        "The IFEval rewards read `instruction_id_list` and `kwargs` (google/IFEval format)." if uses_ifeval else ""
+    )
+    needs = ["prompt", *IFEVAL_COLUMNS] if uses_ifeval else ["prompt"]
     seed = script_args.embedded_seed
     train_dataset = demonstration_dataset = eval_dataset = None
     if script_args.dataset_name is not None:
@@ -390,18 +549,84 @@ def prepare_training(script_args: TrainScriptArguments, training_args, model_arg
     }
 
 
+DEVICE_AND_PRECISION_OPTIONS = ("use_cpu", "bf16", "fp16")
+
+
+def _sets_device_or_precision(argv: Sequence[str]) -> bool:
+    """Whether the command line or its `--config` YAML chooses the device or the precision itself."""
+    for token in argv:
+        name = token.lstrip("-").split("=", 1)[0].replace("-", "_")
+        if token.startswith("--") and name in DEVICE_AND_PRECISION_OPTIONS:
+            return True
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        import yaml
+
+        with open(argv[argv.index("--config") + 1]) as file:
+            config = yaml.safe_load(file)
+        return isinstance(config, dict) and any(name in config for name in DEVICE_AND_PRECISION_OPTIONS)
+    return False
+
+
 def train_main(argv: Sequence[str] | None = None):
     """`trl-uniapl train`: UniAPL training from flags and/or a YAML `--config`; returns the trainer."""
-    script_args, training_args, model_args = make_train_parser().parse_args_and_config(args=argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_train_parser()
+    detect_cpu = not cuda_available() and not _sets_device_or_precision(argv)
+    if detect_cpu:
+        # TRL defaults to bf16, which fails on a CPU-only machine; a YAML config or a flag can still override this.
+        parser.set_defaults(use_cpu=True, bf16=False)
+    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
+    if detect_cpu:
+        print("trl-uniapl: no CUDA GPU found: training on the CPU in fp32.", file=sys.stderr)
     return run_training(script_args, training_args, model_args)
+
+
+def _row_label(source: str, index: int) -> str:
+    if source == EMBEDDED_DATASET:
+        return f"row {index + 1} of the embedded task"
+    suffix = Path(source).suffix.lower()
+    if suffix == ".jsonl":
+        return f"{source}, line {index + 1}"
+    if suffix == ".csv":
+        return f"{source}, line {index + 2} (after the header)"
+    return f"{source}, row {index + 1}"
+
+
+def name_rows(message: str, sources: dict[str, str]) -> str:
+    """Rewrite the trainer's row references (`train_dataset row 3`: the 0-based index in a Python argument) as the
+    file and 1-based line the user wrote (`prefs.jsonl, line 4`); `sources` maps the argument to the file name."""
+
+    def label(match: re.Match) -> str:
+        argument, index = match.group(1), int(match.group(2))
+        return _row_label(sources[argument], index) if argument in sources else match.group(0)
+
+    renamed = re.sub(r"\b(train_dataset|demonstration_dataset) row (\d+)", label, message)
+    argument = next((name for name in sources if message.startswith(f"{name} row ")), None)
+    if argument is not None:  # "... but row 0 is standard": the same dataset's other row
+        renamed = re.sub(
+            r"\bbut row (\d+)\b", lambda m: "but " + _row_label(sources[argument], int(m.group(1))), renamed
+        )
+    return renamed
 
 
 def run_training(script_args: TrainScriptArguments, training_args, model_args):
     """Train with [`UniAPLTrainer`] and save the model to `training_args.output_dir`; returns the trainer."""
     from .trainer import UniAPLTrainer
 
-    trainer = UniAPLTrainer(**prepare_training(script_args, training_args, model_args))
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    resume = parse_resume(training_args.resume_from_checkpoint)
+    training_args.resume_from_checkpoint = resume if isinstance(resume, str) else None
+    checkpoint = resolve_resume(resume, training_args.output_dir)
+    kwargs = prepare_training(script_args, training_args, model_args)
+    train_source = script_args.dataset_name or script_args.demonstration_dataset_name
+    sources = {"train_dataset": train_source, "demonstration_dataset": script_args.demonstration_dataset_name}
+    try:
+        trainer = UniAPLTrainer(**kwargs)
+    except ValueError as error:
+        renamed = name_rows(str(error), {k: v for k, v in sources.items() if v})
+        if renamed == str(error):
+            raise
+        raise UserError(renamed) from error
+    trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
@@ -523,6 +748,24 @@ def demo_config(output_dir: str, max_steps: int, seed: int, quick: bool = False,
     return UniAPLConfig(**settings)
 
 
+DEMO_OUTPUT_DIR = "uniapl-demo"
+
+
+def find_demo_output(start: str | os.PathLike | None = None, levels: int = 2) -> Path | None:
+    """The output folder of `trl-uniapl demo` (`uniapl-demo/` holding `model/config.json`) in `start` (default: the
+    current directory) or one of its `levels` nearest parents, or None.
+
+    Jupyter runs a notebook from its own folder (`examples/notebooks/`) while the demo is usually run from the
+    repository root, two levels up; the search stops there so that an unrelated `uniapl-demo/` higher up is not
+    picked."""
+    folder = Path(start or os.getcwd()).resolve()
+    for candidate in [folder, *folder.parents][: levels + 1]:
+        output = candidate / DEMO_OUTPUT_DIR
+        if (output / "model" / "config.json").exists():
+            return output
+    return None
+
+
 def _log_series(log_history: Sequence[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
     points = [(entry["step"], entry[key]) for entry in log_history if key in entry and "step" in entry]
     return [p[0] for p in points], [float(p[1]) for p in points]
@@ -536,19 +779,20 @@ def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str | os.P
     import matplotlib.pyplot as plt
 
     panels = [
-        ("Task and total reward", ["rewards/ifeval_dense_reward/mean", "reward"]),
-        ("SFT loss on expert completions", ["sft/loss"]),
-        ("Discriminator accuracy", ["discriminator/acc_real", "discriminator/acc_fake"]),
-        ("Adversarial reward and JS estimate", ["adversarial/reward_mean", "discriminator/js_estimate"]),
+        ("Task and total reward", "mean reward per completion", ["rewards/ifeval_dense_reward/mean", "reward"]),
+        ("SFT loss on expert completions", "NLL per token (nats)", ["sft/loss"]),
+        ("Discriminator accuracy", "accuracy", ["discriminator/acc_real", "discriminator/acc_fake"]),
+        ("Adversarial reward and JS estimate", "value", ["adversarial/reward_mean", "discriminator/js_estimate"]),
     ]
     figure, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for axis, (title, keys) in zip(axes.flat, panels):
+    for axis, (title, ylabel, keys) in zip(axes.flat, panels):
         for key in keys:
             steps, values = _log_series(log_history, key)
             if steps:
                 axis.plot(steps, values, marker=".", label=key)
         axis.set_title(title)
         axis.set_xlabel("step")
+        axis.set_ylabel(ylabel)
         if axis.lines:
             axis.legend(fontsize=7)
     figure.tight_layout()
@@ -560,7 +804,10 @@ def plot_training_curves(log_history: Sequence[dict[str, Any]], path: str | os.P
 def plot_distributions(
     lengths: dict[str, Sequence[float]], logprobs: dict[str, Sequence[float]], path: str | os.PathLike
 ) -> str:
-    """Histograms of response lengths and of mean token log-probabilities (policy vs expert), saved at `path`."""
+    """Histograms of response lengths and of mean token log-probabilities, saved at `path`.
+
+    `logprobs` keys that start with `before:`/`after:` followed by the same text (e.g. `before: own responses`) are
+    drawn in one panel per text, before against after, so that no panel overlays more than two histograms."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -571,17 +818,26 @@ def plot_distributions(
         values = np.concatenate([np.asarray(v, dtype=float) for v in samples.values() if len(v)] or [np.zeros(1)])
         return np.histogram_bin_edges(values, bins=25)
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    panels: dict[str, dict[str, Sequence[float]]] = {}
+    for name, values in logprobs.items():
+        when, _, what = name.partition(": ")
+        panels.setdefault(what or name, {})[when if what else name] = values
+    figure, axes = plt.subplots(1, 1 + len(panels), figsize=(5.5 * (1 + len(panels)), 4), squeeze=False)
+    axes = axes[0]
     bins = shared_bins(lengths)
     for name, values in lengths.items():
-        left.hist(values, bins=bins, alpha=0.5, label=name)
-    left.set_title("Response length (tokens)")
-    left.legend(fontsize=8)
-    bins = shared_bins(logprobs)
-    for name, values in logprobs.items():
-        right.hist(values, bins=bins, alpha=0.5, label=name)
-    right.set_title("Mean token log-prob")
-    right.legend(fontsize=8)
+        axes[0].hist(values, bins=bins, alpha=0.5, label=name)
+    axes[0].set_title("Response length")
+    axes[0].set_xlabel("tokens")
+    bins = shared_bins(logprobs)  # one scale for every log-prob panel, so they compare
+    for axis, (what, series) in zip(axes[1:], panels.items()):
+        for name, values in series.items():
+            axis.hist(values, bins=bins, alpha=0.5, label=name)
+        axis.set_title(f"Mean token log-prob of {what}")
+        axis.set_xlabel("log-prob per token (nats)")
+    for axis in axes:
+        axis.set_ylabel("number of prompts")
+        axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -674,10 +930,10 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
             "expert": after["expert_response_lengths"],
         },
         {
-            "before: own responses": before["own_logprobs"],
-            "after: own responses": after["own_logprobs"],
-            "before: expert responses": before["expert_logprobs"],
-            "after: expert responses": after["expert_logprobs"],
+            "before: the model's own responses": before["own_logprobs"],
+            "after: the model's own responses": after["own_logprobs"],
+            "before: the expert's responses": before["expert_logprobs"],
+            "after: the expert's responses": after["expert_logprobs"],
         },
         output_dir / "distributions.png",
     )
@@ -734,24 +990,111 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str] | None], Any], str]] = {
 
 
 def usage() -> str:
-    lines = ["usage: trl-uniapl {train,demo,evaluate} [options]  (each takes --help and --config file.yaml)", ""]
-    lines += [f"  {name:<9} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines = [
+        "usage: trl-uniapl {train,demo,evaluate} [options] [--verbose]  (each takes --help and --config file.yaml)"
+    ]
+    lines += [""] + [f"  {name:<9} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    lines += ["", "  --verbose  show the full traceback of an error and every library warning"]
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
-    """Entry point of the `trl-uniapl` console script and of `python -m trl_uniapl`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+# Known harmless messages that every command used to print, matched exactly (logger name, message start) so that any
+# other warning still shows.
+KNOWN_NOISE_LOGS = (
+    # bitsandbytes on a CPU with AVX512-BF16 tries to fetch an optional Hub kernel and falls back to its own.
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # Offline the IFEval checkers split sentences with lm-eval's regex splitter; tested, and documented in the README.
+    ("trl_uniapl.rewards", "NLTK 'punkt_tab' data is not installed"),
+)
+KNOWN_NOISE_WARNINGS = (
+    # transformers 5 renamed the option TRL's configs still set; nothing for a user to change.
+    r"`(is_)?gradient_checkpointing(_enable|_disable)?` is deprecated and will be removed in v6",
+)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def silence_known_noise() -> None:
+    """Hide the known harmless warnings of [`KNOWN_NOISE_LOGS`] and [`KNOWN_NOISE_WARNINGS`] (only those)."""
+    for logger_name, prefix in KNOWN_NOISE_LOGS:
+        logger = logging.getLogger(logger_name)
+        if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))
+    for message in KNOWN_NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
+_NEGATIVE_EXPONENT = re.compile(r"^-(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+def join_negative_values(argv: Sequence[str]) -> list[str]:
+    """Write `--option -1e-3` as `--option=-1e-3`: argparse takes a negative number in exponent notation for an
+    option name and fails with "expected one argument" (plain `-0.001` already works)."""
+    joined: list[str] = []
+    for token in argv:
+        previous = joined[-1] if joined else ""
+        if _NEGATIVE_EXPONENT.match(token) and previous.startswith("--") and "=" not in previous:
+            joined[-1] = f"{previous}={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
+def run(argv: Sequence[str] | None = None) -> Any:
+    """Run one `trl-uniapl` command and return its result (the trainer of `train`, the metrics of `evaluate` and
+    `demo`); errors propagate. [`main`] is the console script's wrapper that turns this into an exit status."""
+    argv = join_negative_values(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())
-        return None if argv else sys.exit(2)
+        if not argv:
+            raise SystemExit(2)
+        return None
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(usage(), file=sys.stderr)
-        sys.exit(f"trl-uniapl: unknown command {command!r}")
+        print(f"trl-uniapl: error: unknown command {command!r}", file=sys.stderr)
+        raise SystemExit(2)
+    if "--config" in rest:
+        index = rest.index("--config")
+        config = rest[index + 1] if index + 1 < len(rest) else None
+        if config is None or not os.path.isfile(config):
+            raise file_not_found(config or "(none given)", "the --config YAML file")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return COMMANDS[command][0](rest)
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `trl-uniapl` console script and of `python -m trl_uniapl`; returns the exit status.
+
+    0 on success. An expected input error ([`EXPECTED_ERRORS`]: bad data, a missing file, an unknown reward, ...)
+    prints its message alone to stderr and returns 1; `--verbose` adds the traceback and shows the warnings that are
+    otherwise hidden. Unexpected errors propagate with their traceback; argparse's errors exit with status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    argv = [token for token in argv if token != "--verbose"]
+    if not verbose:
+        silence_known_noise()
+    try:
+        run(argv)
+    except EXPECTED_ERRORS as error:
+        if verbose:
+            traceback.print_exc()
+        else:
+            print(f"trl-uniapl: error: {error}", file=sys.stderr)
+            print("(run again with --verbose for the full traceback)", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("trl-uniapl: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,6 +21,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import apply_chat_template, is_conversational
 from trl.trainer.utils import get_config_model_id, is_async_callable, nanstd, selective_log_softmax
 
+from .checkpoints import COMPLETE_MARKER, check_checkpoint_files
 from .config import UniAPLConfig
 from .discriminator import (
     Discriminator,
@@ -40,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 DISCRIMINATOR_DIR = "discriminator"
 UNIAPL_STATE_NAME = "uniapl_state.json"
-COMPLETE_MARKER = "uniapl_checkpoint_complete.json"
 
 UNIAPL_PAPER = {
     "title": "UniAPL: A Unified Adversarial Preference Learning Framework for Instruct-Following",
@@ -874,6 +874,12 @@ class UniAPLTrainer(GRPOTrainer):
         self._discriminator_state = {key: state[key] for key in self._discriminator_state}
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        # "true"/"false" as strings come from command lines and YAML files, where Trainer would look for a folder.
+        if isinstance(resume_from_checkpoint, str) and not os.path.isdir(resume_from_checkpoint):
+            if resume_from_checkpoint.strip().lower() in ("true", "yes", "1"):
+                resume_from_checkpoint = True
+            elif resume_from_checkpoint.strip().lower() in ("false", "no", "0", "none", ""):
+                resume_from_checkpoint = None
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -886,6 +892,8 @@ class UniAPLTrainer(GRPOTrainer):
                     f"{resume_from_checkpoint} is not a complete UniAPL checkpoint (no {COMPLETE_MARKER}): its "
                     "writing was interrupted. Resume from an earlier checkpoint or with resume_from_checkpoint=True."
                 )
+        if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
+            check_checkpoint_files(resume_from_checkpoint, COMPLETE_MARKER)  # name a damaged file before loading it
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
 

@@ -226,3 +226,10 @@ def test_resume_true_without_complete_checkpoint(tiny_model_path, tmp_path):
     trainer, _ = build(tiny_model_path, output_dir)
     with pytest.raises(ValueError, match="no complete checkpoint"):
         trainer.train(resume_from_checkpoint=True)
+
+
+def test_resume_accepts_true_as_a_string(tiny_model_path, tmp_path):
+    """`--resume_from_checkpoint true` on a command line or in YAML arrives as the string "true"."""
+    trainer, _ = build(tiny_model_path, tmp_path / "fresh")
+    with pytest.raises(ValueError, match="holds no complete checkpoint"):
+        trainer.train(resume_from_checkpoint="true")

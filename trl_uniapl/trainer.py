@@ -28,6 +28,7 @@ from .discriminator import (
     load_discriminator_model,
     load_discriminator_tokenizer,
 )
+from .shared_discriminator import build_shared_discriminator, resolve_discriminator_type
 from .streams import MixedRepeatSampler, demonstrations_per_batch, merge_streams, validate_row
 
 logger = logging.getLogger(__name__)
@@ -240,6 +241,15 @@ class UniAPLTrainer(GRPOTrainer):
         args = self.args
         policy_id = policy if isinstance(policy, str) else get_config_model_id(self.accelerator.unwrap_model(
             self.model).config)  # fmt: skip
+        kind = resolve_discriminator_type(
+            args.discriminator_type, discriminator is not None, bool(args.discriminator_model_name_or_path),
+            processing_class is not None, self.is_fsdp_enabled or self._is_zero3(),
+        )  # fmt: skip
+        if kind != "full_copy":  # LoRA + score head on the policy's own weights (or a frozen copy of them)
+            return build_shared_discriminator(
+                self.accelerator.unwrap_model(self.model), kind, self._tokenizer, args,
+                discriminator_peft_config or peft_config, policy_id, self.accelerator.device,
+            )  # fmt: skip
         path = args.discriminator_model_name_or_path or policy_id
         # Loading initialises the score head: do it on a forked RNG so the policy's random stream is unchanged.
         with torch.random.fork_rng(devices=[]):
@@ -275,6 +285,10 @@ class UniAPLTrainer(GRPOTrainer):
             max_grad_norm=args.discriminator_max_grad_norm,
             batch_size=args.per_device_train_batch_size,
         )
+
+    def _is_zero3(self) -> bool:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
 
     # ------------------------------------------------------------------------------------------------------------
     # Streams

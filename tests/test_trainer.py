@@ -563,7 +563,10 @@ def test_adversarial_rewards_come_from_the_discriminator_before_or_after_its_upd
 
     trainer = build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, max_steps=1,
                     adversarial_reward="airl", adversarial_reward_clip=None,
-                    discriminator_score_in_update_pass=score_in_update_pass)  # fmt: skip
+                    discriminator_score_in_update_pass=score_in_update_pass,
+                    # A separate discriminator: rescoring after training must not see the policy's step (the shared
+                    # one reads the policy's current weights, which move after the scoring).
+                    discriminator_type="full_copy")  # fmt: skip
     discriminator = trainer.discriminator
     initial_model = copy.deepcopy(discriminator.model).eval()
     calls = {"update_real": None, "update_fake": None, "scored_rows": 0, "rewards": None}

@@ -148,7 +148,11 @@ class SharedBackboneClassifier(nn.Module):
             if not _is_linear(module) or _PEFT_PARTS.search(name):
                 continue
             clean = re.sub(r"\.base_layer$", "", name)
-            if not _target_matches(clean, target_modules):
+            # peft resolves "all-linear" to names relative to the causal LM ("model.layers.0..."): match both.
+            if not (
+                _target_matches(clean, target_modules)
+                or _target_matches(f"{self.backbone_prefix}.{clean}", target_modules)
+            ):
                 continue
             self._targets[clean] = module
             delta = _LoraDelta(module.in_features, module.out_features, r, alpha, dropout)

@@ -33,6 +33,14 @@ freed by the previous trainer. On CUDA, `torch.cuda.max_memory_allocated` per st
 
     python benchmarks/speed.py                      # default setting (student, 16 completions of 48 tokens)
     python benchmarks/speed.py --smallest           # seconds; what the test suite runs
+
+GPU mode (`--gpu`): a Qwen3-0.6B-shaped model built locally (full 151,936-token vocabulary, random weights, no
+download), GRPO / UniAPL / UniAPL without discriminator, in bf16 full fine-tuning and in QLoRA (NF4 + LoRA r=16 on all
+linear layers); 4 prompts x 8 generations, every completion forced to 128 tokens, medians of steps 2-5, one process per
+(setting, trainer) so `torch.cuda.max_memory_allocated` is that trainer's alone. Writes gpu.json and gpu.md.
+
+    python benchmarks/speed.py --gpu --output_dir benchmarks/results/speed_gpu          # about 6 min on one H200
+    python benchmarks/speed.py --gpu --shape tiny --output_dir /tmp/gpu_tiny            # CPU pipeline check (test)
 """
 
 from __future__ import annotations
@@ -340,7 +348,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--memory_only", action="store_true", help="Only (re)run the memory subprocesses and update speed.json."
     )
+    parser.add_argument("--gpu", action="store_true", help="GPU mode: 0.6B-shaped model, bf16 and QLoRA (see above).")
+    parser.add_argument("--shape", default="qwen3-0.6b", choices=sorted(GPU_SHAPES), help="Model shape of --gpu.")
+    parser.add_argument("--gpu_case", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.gpu:
+        return gpu_main(args, argv)
 
     settings = dict(SMALLEST if args.smallest else DEFAULT)
     apply_overrides(settings, args.set)
@@ -490,6 +503,175 @@ def update_memory(args, argv) -> dict[str, Any]:
         f.write(markdown(report))
     print(markdown(report))
     return report
+
+
+# ---- GPU mode ------------------------------------------------------------------------------------------------------
+GPU_SHAPES = {
+    # Qwen3-0.6B's shape (config of Qwen/Qwen3-0.6B), built locally with random weights.
+    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+    # The same code path on CPU in seconds; the vocabulary is still larger than the tokenizer's, as in the real shape.
+    "tiny": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16),
+}  # fmt: skip
+GPU_SETTINGS = {"qwen3-0.6b": dict(prompts=4, num_generations=8, completion_length=128, steps=5),
+                "tiny": dict(prompts=2, num_generations=4, completion_length=8, steps=5)}  # fmt: skip
+GPU_KINDS = ("grpo", "uniapl", "uniapl_no_disc")
+GPU_MODES = ("bf16_full", "qlora")
+
+
+def build_shaped_model(shape: str, output_dir: str) -> str:
+    """Save a randomly initialised Qwen3 of `shape` with the task student's tokenizer (ids past the tokenizer's
+    vocabulary decode to nothing; completions are forced to a fixed length, so that changes no measured work)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if os.path.exists(os.path.join(output_dir, "config.json")):
+        return output_dir
+    from trl_uniapl.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(student_lib.task_corpus(num_rows=500), vocab_size=2000)
+    torch.manual_seed(0)
+    special = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    config = Qwen3Config(**GPU_SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=True, **special)
+    dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    model = Qwen3ForCausalLM(config).to(dtype)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def gpu_case(args, model_path: str, mode: str, kind: str) -> dict[str, Any]:
+    """One (setting, trainer) in this process: per-step seconds and CUDA peaks of `steps` optimizer steps."""
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+    from trl import GRPOConfig, GRPOTrainer
+
+    from trl_uniapl import UniAPLConfig, UniAPLTrainer
+
+    cuda = torch.cuda.is_available()
+    settings = GPU_SETTINGS[args.shape]
+    length = settings["completion_length"]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    splits = task.make_splits(seed=0, num_demonstrations=64, num_preference=128, num_eval=1)
+    compute_dtype = torch.bfloat16 if cuda else torch.float32
+    common = dict(output_dir=os.path.join(args.output_dir, "tmp", f"{mode}-{kind}"), use_cpu=not cuda, bf16=cuda,
+                  gradient_checkpointing=True, report_to="none", max_steps=settings["steps"], learning_rate=1e-5,
+                  logging_steps=1, save_strategy="no", seed=args.seed, disable_tqdm=True,
+                  per_device_train_batch_size=settings["prompts"] * settings["num_generations"],
+                  num_generations=settings["num_generations"], max_completion_length=length,
+                  generation_kwargs={"min_new_tokens": length}, temperature=1.0, beta=0.0,
+                  model_init_kwargs={"dtype": compute_dtype})  # fmt: skip
+    extra: dict[str, Any] = {}
+    if mode == "qlora":
+        extra["peft_config"] = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
+        extra["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        )
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if kind == "grpo":
+        prompts = concatenate_datasets(
+            [splits["preference"],
+             splits["demonstrations"].remove_columns("completion").cast(splits["preference"].features)]
+        )  # fmt: skip
+        trainer = GRPOTrainer(model=model_path, reward_funcs=[ifeval_dense_reward], args=GRPOConfig(**common),
+                              train_dataset=prompts, processing_class=tokenizer, **extra)  # fmt: skip
+    else:
+        config = {"adversarial_coef": 0.0} if kind == "uniapl_no_disc" else json.loads(args.uniapl_config)
+        trainer = UniAPLTrainer(model=model_path, reward_funcs=[ifeval_dense_reward],
+                                args=UniAPLConfig(**common, **config), train_dataset=splits["preference"],
+                                demonstration_dataset=splits["demonstrations"], processing_class=tokenizer,
+                                **extra)  # fmt: skip
+    trainer.remove_callback(PrinterCallback)
+    timers = Timers()
+    instrument(trainer, kind, timers)
+    recorder = StepRecorder(timers, kind)
+    trainer.add_callback(recorder)
+    trainer.train()
+    steps = recorder.steps[1:]  # step 1 holds lazy initialisation (CUDA kernels, allocator warm-up)
+    lengths = sorted({e[k] for e in trainer.state.log_history for k in ("completions/min_length",
+                      "completions/max_length") if k in e})  # fmt: skip
+    discriminator = getattr(trainer, "discriminator", None)
+    result = {
+        "mode": mode,
+        "kind": kind,
+        "step_seconds": _stats([r["seconds"] for r in steps]),
+        "completion_lengths_seen": lengths,
+        "trained_state_mb": _state_mb(trainer.model) + (_state_mb(discriminator.model) if discriminator else 0.0),
+        "discriminator": type(discriminator.model).__name__ if discriminator else None,
+        "breakdown_median_seconds": {part: statistics.median(_breakdown(r)[part] for r in steps) for part in PARTS},
+    }
+    if cuda:
+        result["cuda_step_peak_mb"] = _stats([r["cuda_peak_mb"] for r in steps])
+        result["cuda_max_memory_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    print("GPU_CASE " + json.dumps(result), flush=True)
+    return result
+
+
+def gpu_main(args, argv) -> dict[str, Any]:
+    """Every (setting, trainer) in a process of its own, then one table."""
+    if args.shape != "tiny" and not torch.cuda.is_available():
+        raise ValueError(f"--gpu --shape {args.shape} needs CUDA; use --shape tiny to check the pipeline on CPU.")
+    quiet_libraries()
+    os.makedirs(args.output_dir, exist_ok=True)
+    model_path = build_shaped_model(args.shape, os.path.join(args.output_dir, "tmp", f"model-{args.shape}"))
+    if args.gpu_case:
+        mode, kind = args.gpu_case.split(":")
+        return gpu_case(args, model_path, mode, kind)
+    wall_start = time.perf_counter()
+    argv = list(argv if argv is not None else sys.argv[1:])
+    results = []
+    for mode in GPU_MODES:
+        for kind in GPU_KINDS:
+            command = [sys.executable, os.path.abspath(__file__), *argv, "--gpu_case", f"{mode}:{kind}"]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"{mode}:{kind} failed ({done.returncode}):\n{done.stdout[-2000:]}\n"
+                                   f"{done.stderr[-6000:]}")  # fmt: skip
+            line = next(line for line in done.stdout.splitlines() if line.startswith("GPU_CASE "))
+            results.append(json.loads(line[len("GPU_CASE ") :]))
+            print(f"[{time.perf_counter() - wall_start:5.0f}s] {mode} {kind}: "
+                  f"{results[-1]['step_seconds']['median']:.2f} s/step", flush=True)  # fmt: skip
+    report = {
+        "benchmark": "speed_gpu",
+        "command": "python benchmarks/speed.py " + " ".join(argv),
+        "shape": {args.shape: GPU_SHAPES[args.shape]},
+        "settings": GPU_SETTINGS[args.shape],
+        "uniapl_config": json.loads(args.uniapl_config),
+        "machine": machine(),
+        "results": results,
+        "wall_seconds": time.perf_counter() - wall_start,
+    }
+    shutil.rmtree(os.path.join(args.output_dir, "tmp"), ignore_errors=True)
+    with open(os.path.join(args.output_dir, "gpu.json"), "w") as f:
+        json.dump(report, f, indent=1, default=float)
+    with open(os.path.join(args.output_dir, "gpu.md"), "w") as f:
+        f.write(gpu_markdown(report))
+    print(gpu_markdown(report))
+    return report
+
+
+def gpu_markdown(report: dict[str, Any]) -> str:
+    settings = report["settings"]
+    lines = [
+        f"Shape {next(iter(report['shape']))}; {settings['prompts']} prompts x {settings['num_generations']} "
+        f"generations, every completion {settings['completion_length']} tokens; medians of steps 2-"
+        f"{settings['steps']}; device {report['machine'].get('cuda') or 'CPU'}.",
+        "",
+        "| setting | trainer | step s | x GRPO | peak MiB (max_memory_allocated) | x GRPO | trained state MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode in GPU_MODES:
+        rows = [r for r in report["results"] if r["mode"] == mode]
+        grpo = next(r for r in rows if r["kind"] == "grpo")
+        for row in rows:
+            seconds = row["step_seconds"]["median"]
+            memory = row.get("cuda_step_peak_mb", {}).get("max")
+            base = grpo.get("cuda_step_peak_mb", {}).get("max")
+            memory_text = f"{memory:.0f} | {memory / base:.2f}" if memory and base else "n/a (CPU) | "
+            lines.append(f"| {mode} | {row['kind']} | {seconds:.2f} | {seconds / grpo['step_seconds']['median']:.2f} "
+                         f"| {memory_text} | {row['trained_state_mb']:.0f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def markdown(report: dict[str, Any]) -> str:

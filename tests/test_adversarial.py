@@ -326,7 +326,9 @@ def test_discriminator_follows_a_policy_quantized_through_model_init_kwargs(
     trainer = UniAPLTrainer(
         model=tiny_model_path,
         reward_funcs=length_reward,
-        args=uniapl_args(tmp_path, model_init_kwargs={"quantization_config": quantization}),
+        args=uniapl_args(
+            tmp_path, model_init_kwargs={"quantization_config": quantization}, discriminator_type="full_copy"
+        ),
         train_dataset=preference_dataset,
         demonstration_dataset=demonstration_dataset,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),

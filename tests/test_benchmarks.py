@@ -104,3 +104,30 @@ def test_speed_smallest_setting(tmp_path, student_cache):
         assert key in ratios
     assert ratios["uniapl_over_grpo_step_time"]["median"] > 0
     assert report["ratios"] == saved["ratios"]
+
+
+@pytest.mark.slow
+def test_speed_gpu_mode_pipeline_on_cpu_with_tiny_shape(tmp_path):
+    """`--gpu --shape tiny`: the GPU command's whole pipeline (model built locally with a vocabulary larger than the
+    tokenizer's, bf16-or-fp32 full fine-tuning and 4-bit QLoRA, one process per case, JSON + markdown) on CPU."""
+    speed = load("speed")
+    output_dir = tmp_path / "gpu"
+    report = speed.main(["--gpu", "--shape", "tiny", "--output_dir", str(output_dir)])
+
+    saved = json.loads((output_dir / "gpu.json").read_text())
+    assert saved["results"] == report["results"]
+    cases = {(r["mode"], r["kind"]) for r in saved["results"]}
+    assert cases == {(mode, kind) for mode in speed.GPU_MODES for kind in speed.GPU_KINDS}
+    length = speed.GPU_SETTINGS["tiny"]["completion_length"]
+    for result in saved["results"]:
+        assert result["completion_lengths_seen"] == [float(length)], result["kind"]
+        assert result["step_seconds"]["n"] == speed.GPU_SETTINGS["tiny"]["steps"] - 1  # step 1 dropped
+        assert result["step_seconds"]["median"] > 0 and result["trained_state_mb"] > 0
+        # The default UniAPL discriminator is the shared one in both settings.
+        expected = "SharedBackboneClassifier" if result["kind"] == "uniapl" else None
+        assert result["discriminator"] == expected
+    table = (output_dir / "gpu.md").read_text()
+    assert table.count("| bf16_full |") == 3 and table.count("| qlora |") == 3
+    if not speed.torch.cuda.is_available():  # the real shape refuses to run on CPU instead of taking hours
+        with pytest.raises(ValueError, match="needs CUDA"):
+            speed.main(["--gpu", "--output_dir", str(tmp_path / "no-gpu")])

@@ -142,10 +142,12 @@ def test_resume_restores_discriminator_and_lambda(uninterrupted, tiny_model_path
     assert trainer.adversarial_coef == state["adversarial_coef"] != trainer.args.adversarial_coef
     assert trainer._discriminator_state["num_updates"] == SAVE_STEPS
     assert trainer._discriminator_state["last_update_step"] == state["last_update_step"]
-    saved = load_file(os.path.join(checkpoint, DISCRIMINATOR_DIR, "model.safetensors"))
-    for name, param in trainer.discriminator.model.named_parameters():
-        if name in saved:
-            torch.testing.assert_close(param.detach(), saved[name], msg=name)
+    # The default (shared) discriminator checkpoints its LoRA adapter and score head in peft's format.
+    saved = load_file(os.path.join(checkpoint, DISCRIMINATOR_DIR, "adapter_model.safetensors"))
+    loaded = trainer.discriminator.model.adapter_state_dict()
+    assert loaded.keys() == saved.keys()
+    for name, value in saved.items():
+        torch.testing.assert_close(loaded[name], value, msg=name)
     optimizer_state = torch.load(os.path.join(checkpoint, DISCRIMINATOR_DIR, "discriminator_optimizer.pt"))
     loaded = trainer.discriminator.optimizer.state_dict()["state"]
     assert loaded.keys() == optimizer_state["state"].keys() and loaded

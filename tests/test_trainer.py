@@ -211,9 +211,10 @@ def test_4bit_lora_trains_end_to_end(tmp_path, tiny_model_path, preference_datas
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
         quantization_config=quantization_config,
     )
-    assert getattr(trainer.discriminator.model, "is_loaded_in_4bit", False) or any(
-        "4bit" in type(m).__name__ for m in trainer.discriminator.model.modules()
-    )
+    # The default discriminator's adapter sits on the policy's own 4-bit layers: no second base model.
+    targets = trainer.discriminator.model._targets.values()
+    assert targets and all("4bit" in type(m).__name__ for m in targets)
+    assert not any("4bit" in type(m).__name__ for m in trainer.discriminator.model.modules())
     policy_before = snapshot(trainer.model)
     discriminator_before = snapshot(trainer.discriminator.model)
     trainer.train()
@@ -250,7 +251,9 @@ def test_conversational_demonstrations_render_like_the_policy_prompt(tmp_path, t
 def test_save_model_writes_a_reloadable_discriminator(
     tmp_path, tiny_model_path, preference_dataset, demonstration_dataset
 ):
-    trainer = build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, max_steps=1)
+    # The separate discriminator saves a whole sequence classifier (the shared one: test_shared_discriminator.py).
+    trainer = build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, max_steps=1,
+                    discriminator_type="full_copy")  # fmt: skip
     trainer.train()
     trainer.save_model()
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "discriminator", num_labels=1)
@@ -568,7 +571,10 @@ def test_adversarial_rewards_come_from_the_discriminator_before_or_after_its_upd
 
     trainer = build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, max_steps=1,
                     adversarial_reward="airl", adversarial_reward_clip=None,
-                    discriminator_score_in_update_pass=score_in_update_pass)  # fmt: skip
+                    discriminator_score_in_update_pass=score_in_update_pass,
+                    # A separate discriminator: rescoring after training must not see the policy's step (the shared
+                    # one reads the policy's current weights, which move after the scoring).
+                    discriminator_type="full_copy")  # fmt: skip
     discriminator = trainer.discriminator
     initial_model = copy.deepcopy(discriminator.model).eval()
     calls = {"update_real": None, "update_fake": None, "scored_rows": 0}

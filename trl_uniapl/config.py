@@ -14,6 +14,7 @@ LOG_2 = math.log(2.0)
 ADVERSARIAL_COEF_MODES = ("fixed", "lagrangian")
 ADVERSARIAL_REWARD_SCOPES = ("all", "demonstrations")
 DISCRIMINATOR_LOSSES = ("bce", "bt")
+DISCRIMINATOR_TYPES = ("shared", "frozen_copy", "full_copy")
 
 
 @dataclass
@@ -116,6 +117,22 @@ class UniAPLConfig(GRPOConfig):
             Number of consecutive discriminator updates whose balanced accuracy (`"bce"`) or pairwise accuracy
             (`"bt"`) is ≥ 0.99 (it wins outright) or within 0.02 of 0.5 (it learns nothing) after which a collapse
             warning is logged.
+
+        > Parameters that control what the discriminator's model is
+
+        discriminator_type (`str` or `None`, *optional*, defaults to `None`):
+            `"shared"`: a LoRA adapter and a score head on the policy's own weights (the frozen, possibly 4-bit base of
+            a PEFT policy; the current weights of a fully fine-tuned one), no second model in memory. `"frozen_copy"`:
+            the same adapter and head on a frozen copy of a fully fine-tuned policy's backbone in the training dtype.
+            `"full_copy"`: a separate, fully trainable sequence classifier loaded from
+            `discriminator_model_name_or_path` (default: the policy's checkpoint). `None` means `"shared"`, or
+            `"full_copy"` when a separate discriminator is given (`discriminator_model_name_or_path`, the trainer's
+            `discriminator=` or `discriminator_processing_class=`) or the policy is sharded by ZeRO-3 / FSDP.
+        discriminator_lora_r (`int`, *optional*, defaults to `16`):
+            LoRA rank of the `"shared"` / `"frozen_copy"` discriminator's adapter on every linear layer of the
+            backbone, when neither `discriminator_peft_config` nor the policy's `peft_config` gives LoRA settings.
+        discriminator_lora_alpha (`float`, *optional*, defaults to `32.0`):
+            LoRA alpha of that adapter (scaling alpha / r).
 
         > Parameters that control the data streams
 
@@ -231,6 +248,23 @@ class UniAPLConfig(GRPOConfig):
         default=20, metadata={"help": "Consecutive degenerate discriminator updates before a collapse warning."}
     )
 
+    # Discriminator model: shared with the policy or separate
+    discriminator_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "'shared' (LoRA + score head on the policy's own weights), 'frozen_copy' (on a frozen copy of the "
+            "backbone) or 'full_copy' (a separate trainable model). None: 'shared' unless a separate discriminator "
+            "is given or the policy is sharded (ZeRO-3/FSDP).",
+            "choices": [None, *DISCRIMINATOR_TYPES],
+        },
+    )
+    discriminator_lora_r: int = field(
+        default=16, metadata={"help": "LoRA rank of the shared discriminator's adapter (without a peft config)."}
+    )
+    discriminator_lora_alpha: float = field(
+        default=32.0, metadata={"help": "LoRA alpha of the shared discriminator's adapter (without a peft config)."}
+    )
+
     # Streams
     demonstration_ratio: float | None = field(
         default=None,
@@ -325,6 +359,23 @@ class UniAPLConfig(GRPOConfig):
             raise ValueError(
                 "`discriminator_init_kwargs` must be a dict or a JSON object string, got "
                 f"{type(self.discriminator_init_kwargs).__name__}."
+            )
+        # Discriminator model
+        if self.discriminator_type is not None and self.discriminator_type not in DISCRIMINATOR_TYPES:
+            raise ValueError(
+                f"`discriminator_type` must be one of {list(DISCRIMINATOR_TYPES)} or None, got "
+                f"{self.discriminator_type!r}."
+            )
+        if self.discriminator_type in ("shared", "frozen_copy") and self.discriminator_model_name_or_path:
+            raise ValueError(
+                f"`discriminator_type={self.discriminator_type!r}` reads the policy's own weights, but "
+                f"`discriminator_model_name_or_path={self.discriminator_model_name_or_path!r}` names a separate "
+                "model. Set `discriminator_type='full_copy'` to train that model, or drop the path."
+            )
+        if self.discriminator_lora_r < 1 or self.discriminator_lora_alpha <= 0:
+            raise ValueError(
+                f"`discriminator_lora_r` must be >= 1 and `discriminator_lora_alpha` > 0, got "
+                f"{self.discriminator_lora_r} and {self.discriminator_lora_alpha}."
             )
 
     @property

@@ -35,6 +35,7 @@ from .discriminator import (
     load_discriminator_tokenizer,
     policy_quantization_config,
 )
+from .shared_discriminator import build_shared_discriminator, resolve_discriminator_type
 from .streams import MixedRepeatSampler, demonstrations_per_batch, merge_streams, validate_row
 
 logger = logging.getLogger(__name__)
@@ -336,6 +337,23 @@ class UniAPLTrainer(GRPOTrainer):
         args = self.args
         unwrapped_policy = self.accelerator.unwrap_model(self.model)
         policy_id = policy if isinstance(policy, str) else get_config_model_id(unwrapped_policy.config)
+        kind = resolve_discriminator_type(
+            args.discriminator_type,
+            discriminator is not None,
+            bool(args.discriminator_model_name_or_path),
+            processing_class is not None,
+            self.is_fsdp_enabled or self._is_zero3(),
+        )
+        if kind != "full_copy":  # LoRA + score head on the policy's own weights (or a frozen copy of them)
+            return build_shared_discriminator(
+                unwrapped_policy,
+                kind,
+                self._tokenizer,
+                args,
+                discriminator_peft_config or peft_config,
+                policy_id,
+                self.accelerator.device,
+            )
         path = args.discriminator_model_name_or_path or policy_id
         # Loading initialises the score head: do it on a forked RNG so the policy's random stream is unchanged.
         with torch.random.fork_rng(devices=[]):
@@ -386,6 +404,10 @@ class UniAPLTrainer(GRPOTrainer):
                 "policy's token ids. Pass its tokenizer as `discriminator_processing_class=` (completions are then "
                 "re-tokenized for it), or build the discriminator from the policy's checkpoint."
             )
+
+    def _is_zero3(self) -> bool:
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return bool(self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3)
 
     def _get_train_sampler(self, dataset=None):
         if not self._has_demonstrations:

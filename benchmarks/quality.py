@@ -69,6 +69,7 @@ FULL = {
     "learning_rate": 3e-3,
     "discriminator_learning_rate": 1e-3,
     "adversarial_coef": 0.1,
+    "discriminator_type": "shared",
     "sft_coef": 1.0,
     "sft_fraction": 0.5,
     "num_eval": 400,
@@ -203,6 +204,7 @@ def train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, step
         sft_coef=settings["sft_coef"],
         adversarial_coef=settings["adversarial_coef"],
         discriminator_learning_rate=settings["discriminator_learning_rate"],
+        discriminator_type=settings["discriminator_type"],
     )
     config.update(overrides)
     args = UniAPLConfig(**_common_args(settings, output_dir, seed, steps), **_grpo_args(settings), **config)

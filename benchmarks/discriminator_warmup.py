@@ -3,10 +3,11 @@
 
 Runs the demo's settings (embedded task, student model, CPU) with λ held at 0 for the whole run, so the policy trains
 on GRPO + SFT only while the discriminator learns, and records the discriminator's balanced accuracy after each
-update. The warm-up is the first step at which the balanced accuracy (mean of 3 consecutive updates) has covered 90% of
-the way from chance (0.5) to its plateau (mean of the last 3 updates).
+update. The discriminator has left chance at the first update whose balanced accuracy, averaged with the previous
+update's, is at least 0.6; the script reports that update's index and step.
 
     python benchmarks/discriminator_warmup.py --seeds 0 1 --max_steps 40
+    python benchmarks/discriminator_warmup.py --analyse DIR/discriminator_warmup.json   # re-read a finished run
 """
 
 import argparse
@@ -19,15 +20,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import machine, quiet_libraries  # noqa: E402
 
 
-def warmup_step(steps: list[int], accuracies: list[float], window: int = 3, share: float = 0.9) -> int | None:
-    """First step at which the moving mean of `window` updates reaches `share` of the way from 0.5 to the plateau."""
-    if len(accuracies) < 2 * window:
-        return None
-    plateau = sum(accuracies[-window:]) / window
-    threshold = 0.5 + share * (plateau - 0.5)
-    for end in range(window, len(accuracies) + 1):
-        if sum(accuracies[end - window : end]) / window >= threshold:
-            return steps[end - 1]
+def left_chance(steps: list[int], accuracies: list[float], threshold: float = 0.6) -> dict | None:
+    """The first update (1-based) whose balanced accuracy, averaged with the previous update's, reaches `threshold`:
+    one lucky batch is not enough, two in a row are."""
+    for index in range(1, len(accuracies)):
+        if (accuracies[index - 1] + accuracies[index]) / 2 >= threshold:
+            return {"update": index + 1, "step": steps[index]}
     return None
 
 
@@ -69,7 +67,7 @@ def run(seed: int, max_steps: int, output_dir: str) -> dict:
         "balanced_accuracy": accuracies,
         "js_estimate": [entry["discriminator/js_estimate"] for entry in updates],
         "discriminator_loss": [entry["discriminator/loss"] for entry in updates],
-        "warmup_step": warmup_step(steps, accuracies),
+        "left_chance": left_chance(steps, accuracies),
         "train_seconds": time.time() - start,
     }
 
@@ -79,7 +77,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--max_steps", type=int, default=40)
     parser.add_argument("--output_dir", default="benchmarks/results/discriminator_warmup")
+    parser.add_argument("--analyse", default=None, metavar="JSON", help="Recompute the analysis of a finished run.")
     args = parser.parse_args()
+    if args.analyse:
+        with open(args.analyse) as f:
+            result = json.load(f)
+        for run_result in result["runs"]:
+            run_result.pop("warmup_step", None)
+            run_result["left_chance"] = left_chance(run_result["steps"], run_result["balanced_accuracy"])
+        result["left_chance"] = [run_result["left_chance"] for run_result in result["runs"]]
+        result.pop("warmup_steps", None)
+        with open(args.analyse, "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(result["left_chance"]))
+        return
     quiet_libraries()
     os.makedirs(args.output_dir, exist_ok=True)
     runs = [run(seed, args.max_steps, args.output_dir) for seed in args.seeds]
@@ -87,12 +98,12 @@ def main() -> None:
         "command": "python benchmarks/discriminator_warmup.py " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "runs": runs,
-        "warmup_steps": [run_result["warmup_step"] for run_result in runs],
+        "left_chance": [run_result["left_chance"] for run_result in runs],
     }
     with open(os.path.join(args.output_dir, "discriminator_warmup.json"), "w") as f:
         json.dump(result, f, indent=1)
     for run_result in runs:
-        print(f"seed {run_result['seed']}: warm-up step {run_result['warmup_step']}")
+        print(f"seed {run_result['seed']}: left chance at {run_result['left_chance']}")
         for step, accuracy in zip(run_result["steps"], run_result["balanced_accuracy"]):
             print(f"  step {step:4d}  balanced accuracy {accuracy:.3f}")
 

@@ -211,9 +211,6 @@ def _uses_ifeval(reward_names: Sequence[str]) -> bool:
     )
 
 
-# --------------------------------------------------------------------------------------------------------------------
-
-
 def _row_label(source: str, index: int) -> str:
     if source == EMBEDDED_DATASET:
         return f"row {index + 1} of the embedded task"

@@ -159,8 +159,11 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     before = _analyse(model, tokenizer, eval_rows, show, max_new_tokens)
     del model
 
-    print(f"[3/5] UniAPL training: {max_steps} steps on {len(splits['demonstrations'])} demonstrations and "
-          f"{len(splits['preference'])} preference prompts (IFEval dense reward + discriminator)")  # fmt: skip
+    num_demonstrations, num_preference = len(splits["demonstrations"]), len(splits["preference"])
+    print(
+        f"[3/5] UniAPL training: {max_steps} steps on {num_demonstrations} demonstrations and {num_preference} "
+        "preference prompts (IFEval dense reward + discriminator)"
+    )
     config = demo_config(
         str(output_dir / "run"),
         max_steps,

@@ -127,8 +127,3 @@ def run_evaluate(args: EvaluateArguments) -> dict[str, Any]:
         Path(args.output_json).write_text(json.dumps(results, indent=2, default=str))
         print(f"Metrics written to {args.output_json}.")
     return results
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# demo
-# --------------------------------------------------------------------------------------------------------------------

@@ -31,9 +31,9 @@ def left_chance(steps: list[int], accuracies: list[float], threshold: float = 0.
 
 def run(seed: int, max_steps: int, output_dir: str) -> dict:
     from trl_uniapl.cli import demo_config
-    from trl_uniapl.rewards import ifeval_dense_reward
-    from trl_uniapl.student import build_student
-    from trl_uniapl.task import make_splits
+    from trl_uniapl.demo.student import build_student
+    from trl_uniapl.ifeval.rewards import ifeval_dense_reward
+    from trl_uniapl.ifeval.task import make_splits
     from trl_uniapl.trainer import UniAPLTrainer
 
     student = build_student(show_progress=True)

@@ -1,8 +1,9 @@
 """Quality benchmark: SFT, GRPO, SFT-then-GRPO, UniAPL and two ablations on the embedded instruction-following task.
 
-Every method starts from the same cached student (`trl_uniapl.student.build_student`), sees the same demonstrations,
-preference prompts and 400-prompt held-out split (`trl_uniapl.task.make_splits(seed=--data_seed)`), and trains for
-the same number of optimizer steps with the same optimizer, learning rate and schedule family (linear decay):
+Every method starts from the same cached student (`trl_uniapl.demo.student.build_student`), sees the same
+demonstrations, preference prompts and 400-prompt held-out split
+(`trl_uniapl.ifeval.task.make_splits(seed=--data_seed)`), and trains for the same number of optimizer steps with the
+same optimizer, learning rate and schedule family (linear decay):
 
 - `sft`: TRL `SFTTrainer` on the demonstrations, `demonstrations_per_step` demonstrations per step: exactly the number
   of demonstrations each UniAPL step puts into its SFT term (so "demonstrations seen" is equal too). It samples
@@ -14,9 +15,9 @@ the same number of optimizer steps with the same optimizer, learning rate and sc
 - `uniapl_no_disc`: `adversarial_coef=0` (joint SFT + GRPO, no discriminator).
 - `uniapl_no_sft`: `sft_coef=0` (GRPO + discriminator reward).
 
-Held-out metrics come from `trl_uniapl.evaluation.evaluate_ifeval` (greedy) and `expert_logprob`; the table also shows
-the untrained student and a constant, prompt-independent reply. Outputs (in `--output_dir`): `quality.json` (every
-run's numbers and settings), `quality.md` (tables) and PNG plots.
+Held-out metrics come from `trl_uniapl.ifeval.evaluation.evaluate_ifeval` (greedy) and `expert_logprob`; the table
+also shows the untrained student and a constant, prompt-independent reply. Outputs (in `--output_dir`): `quality.json`
+(every run's numbers and settings), `quality.md` (tables) and PNG plots.
 
     python benchmarks/quality.py --jobs 3        # full run: 3 seeds, one process each, merged
     python benchmarks/quality.py                 # the same, seeds in turn in one process
@@ -48,10 +49,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  #
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers in benchmarks/
 from common import apply_overrides, machine, quiet_libraries  # noqa: E402
 
-from trl_uniapl import student as student_lib  # noqa: E402
-from trl_uniapl import task  # noqa: E402
-from trl_uniapl.evaluation import _ifeval_metrics, evaluate_ifeval, expert_logprob  # noqa: E402
-from trl_uniapl.rewards import check_response, ifeval_dense_reward, prompt_text  # noqa: E402
+from trl_uniapl.demo import student as student_lib  # noqa: E402
+from trl_uniapl.ifeval import task  # noqa: E402
+from trl_uniapl.ifeval.evaluation import _ifeval_metrics, evaluate_ifeval, expert_logprob  # noqa: E402
+from trl_uniapl.ifeval.rewards import check_response, ifeval_dense_reward, prompt_text  # noqa: E402
 
 METHODS = ("sft", "grpo", "sft_then_grpo", "uniapl", "uniapl_no_disc", "uniapl_no_sft")
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")

@@ -72,9 +72,9 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers in benchmarks/
 from common import apply_overrides, machine, quiet_libraries  # noqa: E402
 
-from trl_uniapl import student as student_lib  # noqa: E402
-from trl_uniapl import task  # noqa: E402
-from trl_uniapl.rewards import ifeval_dense_reward  # noqa: E402
+from trl_uniapl.demo import student as student_lib  # noqa: E402
+from trl_uniapl.ifeval import task  # noqa: E402
+from trl_uniapl.ifeval.rewards import ifeval_dense_reward  # noqa: E402
 
 KINDS = ("grpo", "uniapl", "sft", "uniapl_no_disc")
 DEFAULT = {
@@ -527,7 +527,7 @@ def build_shaped_model(shape: str, output_dir: str) -> str:
 
     if os.path.exists(os.path.join(output_dir, "config.json")):
         return output_dir
-    from trl_uniapl.tiny import train_tokenizer
+    from trl_uniapl.demo.tiny import train_tokenizer
 
     tokenizer = train_tokenizer(student_lib.task_corpus(num_rows=500), vocab_size=2000)
     torch.manual_seed(0)

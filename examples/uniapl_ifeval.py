@@ -8,9 +8,9 @@ CPU smoke test against the embedded task's local student (no Hub; 4-bit NF4 runs
 
     python examples/uniapl_ifeval.py --model student --max_steps 2 --num_eval 8
 
-The data is the embedded IFEval-style task of `trl_uniapl.task` (demonstrations written by its programmatic expert,
-prompt-only preference rows scored by the IFEval checkers). Swap in your own `prompt` + `completion` demonstrations and
-IFEval-format prompts (`prompt`, `instruction_id_list`, `kwargs`, e.g. google/IFEval) for real work.
+The data is the embedded IFEval-style task of `trl_uniapl.ifeval.task` (demonstrations written by its programmatic
+expert, prompt-only preference rows scored by the IFEval checkers). Swap in your own `prompt` + `completion`
+demonstrations and IFEval-format prompts (`prompt`, `instruction_id_list`, `kwargs`, e.g. google/IFEval) for real work.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from peft import LoraConfig
 from transformers import AutoTokenizer, BitsAndBytesConfig
 
 from trl_uniapl import UniAPLConfig, UniAPLTrainer
-from trl_uniapl.evaluation import evaluate_ifeval
-from trl_uniapl.rewards import ifeval_dense_reward, ifeval_strict_reward
-from trl_uniapl.student import build_student
-from trl_uniapl.task import make_splits
+from trl_uniapl.demo.student import build_student
+from trl_uniapl.ifeval.evaluation import evaluate_ifeval
+from trl_uniapl.ifeval.rewards import ifeval_dense_reward, ifeval_strict_reward
+from trl_uniapl.ifeval.task import make_splits
 
 # A student small enough to build in seconds whose layer widths are multiples of bitsandbytes' 4-bit block size (64),
 # which its CPU kernels require (the `fast=True` student has width 32).

@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-from trl_uniapl.tiny import build_tiny_model  # noqa: E402
+from trl_uniapl.demo.tiny import build_tiny_model  # noqa: E402
 
 WORDS = "the sky is blue green red apple banana cat dog runs jumps fast slow river mountain sun moon star".split()
 

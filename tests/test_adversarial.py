@@ -15,13 +15,13 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_uniapl import UniAPLConfig, UniAPLTrainer
+from trl_uniapl.demo.tiny import build_tiny_model
 from trl_uniapl.discriminator import (
     discriminator_loss_sum,
     group_relative_advantages,
     js_estimate,
 )
 from trl_uniapl.streams import merge_streams
-from trl_uniapl.tiny import build_tiny_model
 from trl_uniapl.trainer import COMPLETE_MARKER, DISCRIMINATOR_DIR, _named_reward_func, check_trl_compatibility
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from trl_uniapl import cli
-from trl_uniapl.task import make_splits
+from trl_uniapl.ifeval.task import make_splits
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def train_argv(model, task_files, output_dir, *extra):
         "--model_name_or_path", model,
         "--dataset_name", task_files["preference"],
         "--demonstration_dataset_name", task_files["demonstrations"],
-        "--reward_funcs", "ifeval_dense", "trl_uniapl.rewards.ifeval_strict_reward",
+        "--reward_funcs", "ifeval_dense", "trl_uniapl.ifeval.rewards.ifeval_strict_reward",
         "--output_dir", str(output_dir),
         "--max_steps", "2",
         "--per_device_train_batch_size", "4",
@@ -90,7 +90,7 @@ def test_dataset_without_needed_columns(tiny_model_path, task_files, tmp_path):
         cli.run(argv)
 
 
-@pytest.mark.parametrize("name", ["ifeval_nonsense", "no_such_module.reward", "trl_uniapl.rewards.nope"])
+@pytest.mark.parametrize("name", ["ifeval_nonsense", "no_such_module.reward", "trl_uniapl.ifeval.rewards.nope"])
 def test_unknown_reward(tiny_model_path, task_files, tmp_path, name):
     argv = train_argv(tiny_model_path, task_files, tmp_path / "out")
     start = argv.index("--reward_funcs")
@@ -100,11 +100,11 @@ def test_unknown_reward(tiny_model_path, task_files, tmp_path, name):
 
 
 def test_reward_names_resolve():
-    from trl_uniapl import rewards
+    from trl_uniapl.ifeval import rewards
 
     assert cli.resolve_reward_func("ifeval_dense") is rewards.ifeval_dense_reward
     assert cli.resolve_reward_func("ifeval_loose_reward") is rewards.ifeval_loose_reward
-    assert cli.resolve_reward_func("trl_uniapl.rewards.ifeval_strict_reward") is rewards.ifeval_strict_reward
+    assert cli.resolve_reward_func("trl_uniapl.ifeval.rewards.ifeval_strict_reward") is rewards.ifeval_strict_reward
 
 
 def test_evaluate(tiny_model_path, task_files, tmp_path, capsys):

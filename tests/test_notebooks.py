@@ -71,7 +71,7 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
 def test_analysis_uses_the_demo_output_from_the_repository_root(tmp_path, monkeypatch):
     """Jupyter runs analysis.ipynb from examples/notebooks/; `trl-uniapl demo` wrote uniapl-demo/ two levels up."""
     monkeypatch.setenv("TRL_UNIAPL_CACHE", os.environ.get("TRL_UNIAPL_TEST_CACHE", str(tmp_path / "cache")))
-    from trl_uniapl.student import build_student
+    from trl_uniapl.demo.student import build_student
 
     demo_model = tmp_path / "repo" / "uniapl-demo" / "model"
     shutil.copytree(build_student(fast=True, show_progress=False), demo_model)  # stands for the demo's trained model

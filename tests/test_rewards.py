@@ -10,8 +10,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from trl_uniapl import rewards  # noqa: E402  (import after the offline switch)
-from trl_uniapl.rewards import (  # noqa: E402
+from trl_uniapl.ifeval import rewards  # noqa: E402  (import after the offline switch)
+from trl_uniapl.ifeval.rewards import (  # noqa: E402
     check_response,
     ifeval_dense_reward,
     ifeval_loose_reward,
@@ -20,7 +20,7 @@ from trl_uniapl.rewards import (  # noqa: E402
     normalize_ifeval_kwargs,
 )
 
-# lm-eval's own modules, imported by trl_uniapl.rewards without the NLTK download attempt.
+# lm-eval's own modules, imported by trl_uniapl.ifeval.rewards without the NLTK download attempt.
 instructions_registry = rewards.instructions_registry
 ifeval_utils = rewards.ifeval_utils
 
@@ -235,7 +235,7 @@ def test_offline_import_is_quiet_and_counts_sentences():
     """A fresh interpreter imports the rewards without trying a download or printing lm-eval's false success line,
     and `length_constraints:number_sentences` works."""
     code = (
-        "import trl_uniapl.rewards as r\n"
+        "import trl_uniapl.ifeval.rewards as r\n"
         "ids = ['length_constraints:number_sentences', 'change_case:capital_word_frequency']\n"
         "kw = [{'num_sentences': 3, 'relation': 'at least'},\n"
         "      {'capital_frequency': 2, 'capital_relation': 'at least'}]\n"

@@ -13,9 +13,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from trl_uniapl import student, task  # noqa: E402
-from trl_uniapl.evaluation import evaluate_ifeval, expert_logprob, length_wasserstein  # noqa: E402
-from trl_uniapl.rewards import prompt_text  # noqa: E402
+from trl_uniapl.demo import student  # noqa: E402
+from trl_uniapl.ifeval import task  # noqa: E402
+from trl_uniapl.ifeval.evaluation import evaluate_ifeval, expert_logprob, length_wasserstein  # noqa: E402
+from trl_uniapl.ifeval.rewards import prompt_text  # noqa: E402
 
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
 

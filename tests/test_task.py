@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from trl_uniapl import task  # noqa: E402
-from trl_uniapl.evaluation import DEFAULT_EFFECT_PROBES, _effect_appears  # noqa: E402
-from trl_uniapl.rewards import (  # noqa: E402
+from trl_uniapl.ifeval import task  # noqa: E402
+from trl_uniapl.ifeval.evaluation import DEFAULT_EFFECT_PROBES, _effect_appears  # noqa: E402
+from trl_uniapl.ifeval.rewards import (  # noqa: E402
     check_response,
     ifeval_strict_reward,
     instructions_registry,

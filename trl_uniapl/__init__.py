@@ -1,8 +1,13 @@
 """trl-uniapl: UniAPL (Unified Adversarial Preference Learning) as a drop-in TRL trainer.
 
-`from trl_uniapl import UniAPLConfig, UniAPLTrainer`. The IFEval rewards (`trl_uniapl.rewards`), the embedded task
-(`trl_uniapl.task`), the local student (`trl_uniapl.student`) and the evaluation (`trl_uniapl.evaluation`) are
-submodules, imported on demand because they need the `ifeval` extra.
+`from trl_uniapl import UniAPLConfig, UniAPLTrainer`. The package's folders are its architecture:
+
+- the library a TRL user imports: `config`, `trainer`, `discriminator` (and `shared_discriminator`), `streams`,
+  `checkpoints`;
+- `trl_uniapl.ifeval`: instruction following (IFEval rewards, the embedded task and its expert, the evaluation),
+  imported on demand because it needs the `ifeval` extra;
+- `trl_uniapl.demo`: the demo's student and tiny models, built locally;
+- `trl_uniapl.cli`: the `trl-uniapl` command (train, demo, evaluate, plots).
 """
 
 from .config import UniAPLConfig

@@ -2,7 +2,7 @@
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import GRPOConfig
@@ -378,6 +378,16 @@ class UniAPLConfig(GRPOConfig):
                 f"`discriminator_lora_r` must be >= 1 and `discriminator_lora_alpha` > 0, got "
                 f"{self.discriminator_lora_r} and {self.discriminator_lora_alpha}."
             )
+
+    @classmethod
+    def from_grpo_config(cls, args: GRPOConfig, **uniapl_fields: Any) -> "UniAPLConfig":
+        """A `UniAPLConfig` with every field of `args` (a plain `GRPOConfig`, e.g. of a GRPO script whose trainer class
+        was swapped) and the UniAPL fields at their defaults, or as given in `uniapl_fields`."""
+        values = {config_field.name: getattr(args, config_field.name) for config_field in fields(GRPOConfig)}
+        values = {name: value for name, value in values.items() if name in cls.__dataclass_fields__}
+        values = {name: value for name, value in values.items() if cls.__dataclass_fields__[name].init}
+        values["generation_batch_size"] = None  # GRPOConfig derived it from steps_per_generation; both are refused
+        return cls(**values, **uniapl_fields)
 
     @property
     def uses_discriminator(self) -> bool:

@@ -155,7 +155,6 @@ class Discriminator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    # ---- inputs -------------------------------------------------------------------------------------------------
     def encode_ids(self, sequences: list[list[int]]) -> list[dict[str, torch.Tensor]]:
         """Right-pad token-id sequences into micro-batches of `batch_size` rows."""
         batches = []
@@ -195,7 +194,6 @@ class Discriminator:
             batches.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
         return batches
 
-    # ---- forward / update ---------------------------------------------------------------------------------------
     def logits(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """One logit per row, in fp32."""
         device = self.device
@@ -265,7 +263,6 @@ class Discriminator:
         self.optimizer.zero_grad(set_to_none=True)
         return DiscriminatorUpdate(global_loss.item(), applied, real_logits.detach(), fake_logits.detach())
 
-    # ---- persistence --------------------------------------------------------------------------------------------
     def save_pretrained(self, output_dir: str) -> None:
         """Weights (or adapter + score head) and tokenizer, reloadable with `from_pretrained`."""
         os.makedirs(output_dir, exist_ok=True)

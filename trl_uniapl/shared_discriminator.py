@@ -182,7 +182,6 @@ class SharedBackboneClassifier(nn.Module):
     def target_names(self) -> list[str]:
         return list(self._targets)
 
-    # ---- the discriminator pass ---------------------------------------------------------------------------------
     @contextlib.contextmanager
     def session(self):
         """Everything a discriminator pass needs, undone on exit; wrap forward AND backward in it (gradient
@@ -273,7 +272,6 @@ class SharedBackboneClassifier(nn.Module):
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
         return SequenceClassifierOutput(logits=self.score(pooled.to(self.score.weight.dtype)))
 
-    # ---- persistence in peft's format ---------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Keys of a peft SEQ_CLS adapter on `AutoModelForSequenceClassification` of the same architecture."""
         prefix = f"base_model.model.{self.backbone_prefix}"
@@ -384,8 +382,8 @@ def resolve_discriminator_type(
         return "full_copy" if has_instance or has_path or has_tokenizer or sharded else "shared"
     if requested == "full_copy":
         return requested
-    given = [name for name, flag in (("`discriminator=` (a model)", has_instance),
-                                     ("`discriminator_processing_class=`", has_tokenizer)) if flag]  # fmt: skip
+    candidates = (("`discriminator=` (a model)", has_instance), ("`discriminator_processing_class=`", has_tokenizer))
+    given = [name for name, flag in candidates if flag]
     if given:
         raise ValueError(
             f"`discriminator_type={requested!r}` reads the policy's weights and token ids, but {' and '.join(given)} "

@@ -1,7 +1,6 @@
 """UniAPLTrainer: GRPO with expert demonstrations and an online discriminator, in one training stage."""
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import inspect
@@ -90,22 +89,6 @@ def check_trl_compatibility(trainer_class: type = GRPOTrainer) -> None:
 check_trl_compatibility()
 
 
-def _as_uniapl_config(args: GRPOConfig, has_demonstrations: bool) -> UniAPLConfig:
-    """A plain GRPOConfig (a GRPO script with the class swapped) becomes a UniAPLConfig with the UniAPL defaults, or
-    with every UniAPL term off when there are no demonstrations, so that the run is exactly GRPO's."""
-    config = copy.copy(args)
-    config.__class__ = UniAPLConfig  # already validated by GRPOConfig.__post_init__; only our fields are missing
-    for config_field in dataclasses.fields(UniAPLConfig):
-        if not hasattr(config, config_field.name):
-            setattr(config, config_field.name, config_field.default)
-    if config.adversarial_reward is None:
-        config.adversarial_reward = "score" if config.discriminator_loss == "bt" else "gail"
-    if not has_demonstrations:
-        config.sft_coef = 0.0
-        config.adversarial_coef = 0.0
-    return config
-
-
 def _named_reward_func(reward_func, name: str):
     """Wrap a synchronous reward function so that an exception it raises says which function and rows made it fail.
     The exception keeps its type (the context is added as a note); the function is called exactly as TRL calls it."""
@@ -184,10 +167,11 @@ class UniAPLTrainer(GRPOTrainer):
     column of `train_dataset` stays what it is for GRPO (e.g. reference answers for a reward function).
 
     Args:
-        model, reward_funcs, args, train_dataset, eval_dataset, processing_class, reward_processing_classes, callbacks,
-        optimizers, quantization_config, peft_config, tools, rollout_func, environment_factory:
-            As in [`~trl.GRPOTrainer`]. `args` may be a [`UniAPLConfig`] or a plain `GRPOConfig`. With a
-            `UniAPLConfig`, rows of `train_dataset` with a non-empty `completion` are demonstrations.
+        model, reward_funcs, args, train_dataset, **kwargs:
+            As in [`~trl.GRPOTrainer`]; every other GRPOTrainer argument (`eval_dataset`, `processing_class`,
+            `peft_config`, `quantization_config`, `environment_factory`, ...) is passed through by keyword. `args`
+            may be a [`UniAPLConfig`] or a plain `GRPOConfig` (converted with [`UniAPLConfig.from_grpo_config`]). With
+            a `UniAPLConfig`, rows of `train_dataset` with a non-empty `completion` are demonstrations.
         demonstration_dataset ([`~datasets.Dataset`], *optional*):
             Demonstrations in prompt-completion format (standard or conversational, like `train_dataset`).
         discriminator ([`~transformers.PreTrainedModel`], *optional*):
@@ -212,20 +196,12 @@ class UniAPLTrainer(GRPOTrainer):
         reward_funcs=None,
         args: UniAPLConfig | GRPOConfig | None = None,
         train_dataset: Dataset | IterableDataset | None = None,
-        eval_dataset=None,
-        processing_class=None,
-        reward_processing_classes=None,
-        callbacks=None,
-        optimizers=(None, None),
-        quantization_config=None,
-        peft_config=None,
-        tools=None,
-        rollout_func=None,
-        environment_factory=None,
+        *,
         demonstration_dataset: Dataset | None = None,
         discriminator: PreTrainedModel | None = None,
         discriminator_peft_config=None,
         discriminator_processing_class: PreTrainedTokenizerBase | None = None,
+        **kwargs: Any,
     ):
         # A plain GRPOConfig is a GRPO script with the class swapped: its `completion` column (e.g. reference answers
         # for a reward function) is not a demonstration, so that the swap alone never changes training.
@@ -234,34 +210,20 @@ class UniAPLTrainer(GRPOTrainer):
             train_dataset,
             demonstration_dataset,
             demonstrations_in_train_dataset=demonstrations_in_train_dataset,
-            require_prompts=environment_factory is None,
+            require_prompts=kwargs.get("environment_factory") is None,
         )
+        # Without demonstrations, a config that is not a UniAPLConfig gives exactly GRPO: no UniAPL term.
+        grpo_only = {} if streams.has_demonstrations else {"sft_coef": 0.0, "adversarial_coef": 0.0}
         if args is None:
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
-            args = UniAPLConfig(f"{model_name.split('/')[-1]}-UniAPL")
-            if not streams.has_demonstrations:
-                args.sft_coef, args.adversarial_coef = 0.0, 0.0
+            args = UniAPLConfig(f"{model_name.split('/')[-1]}-UniAPL", **grpo_only)
         elif not isinstance(args, UniAPLConfig):
-            args = _as_uniapl_config(args, streams.has_demonstrations)
+            args = UniAPLConfig.from_grpo_config(args, **grpo_only)
         self._check_streams_against_config(args, streams)
         self._streams = streams
 
-        super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=streams.dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
-            tools=tools,
-            rollout_func=rollout_func,
-            environment_factory=environment_factory,
-        )
+        # Every other GRPOTrainer argument (eval_dataset, processing_class, peft_config, ...) goes to the parent as is.
+        super().__init__(model, reward_funcs, args=args, train_dataset=streams.dataset, **kwargs)
 
         self._has_demonstrations = streams.has_demonstrations
         self._demonstrations_in_train_dataset = demonstrations_in_train_dataset
@@ -294,8 +256,8 @@ class UniAPLTrainer(GRPOTrainer):
                 discriminator,
                 discriminator_peft_config,
                 discriminator_processing_class,
-                peft_config,
-                quantization_config,
+                kwargs.get("peft_config"),
+                kwargs.get("quantization_config"),
             )
 
     @staticmethod
@@ -845,8 +807,11 @@ class UniAPLTrainer(GRPOTrainer):
             self.discriminator.save_pretrained(os.path.join(output_dir or self.args.output_dir, DISCRIMINATOR_DIR))
 
     def _uniapl_state(self) -> dict[str, Any]:
-        return {"adversarial_coef": self.adversarial_coef, "collapse_streak": self._collapse_streak,
-                **self._discriminator_state}  # fmt: skip
+        return {
+            "adversarial_coef": self.adversarial_coef,
+            "collapse_streak": self._collapse_streak,
+            **self._discriminator_state,
+        }
 
     def _save_checkpoint(self, model, trial):
         run_dir = self._get_output_dir(trial=trial)

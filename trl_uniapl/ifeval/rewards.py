@@ -6,11 +6,11 @@ column `kwargs` (one entry per instruction: the keyword arguments of the checker
 `kwargs` entry may be
 
 - a `dict`, where keys whose value is falsy (`None`, `""`, `[]`, `0`) are dropped, exactly as lm-eval does; this is
-  how google/IFEval and [`trl_uniapl.task`] store it (every key present, unused ones `None`, so Arrow can store rows
+  how google/IFEval and [`task`] store it (every key present, unused ones `None`, so Arrow can store rows
   with different instructions in one column), or
 - a JSON string of such a dict.
 
-Rows may also carry a column `topic_keywords` (`list[str]`), as the embedded task of [`trl_uniapl.task`] does. When a
+Rows may also carry a column `topic_keywords` (`list[str]`), as the embedded task of [`task`] does. When a
 row has non-empty topic keywords, the response must also *mention the topic*: at least one keyword must appear as a
 whole word, case-insensitively (see [`mentions_topic`]). The topic check counts as one more instruction: an
 off-topic response scores 0 with [`ifeval_strict_reward`] and [`ifeval_loose_reward`], and loses one of `n + 1`
@@ -38,12 +38,12 @@ Example:
 ```python
 from trl import GRPOConfig, GRPOTrainer
 
-from trl_uniapl.rewards import ifeval_dense_reward
+from trl_uniapl.ifeval.rewards import ifeval_dense_reward
 
 trainer = GRPOTrainer(model=..., reward_funcs=[ifeval_dense_reward], train_dataset=dataset, args=GRPOConfig(...))
 ```
 
-or from the command line: `trl grpo ... --reward_funcs trl_uniapl.rewards.ifeval_dense_reward`.
+or from the command line: `trl grpo ... --reward_funcs trl_uniapl.ifeval.rewards.ifeval_dense_reward`.
 """
 
 from __future__ import annotations

@@ -4,13 +4,13 @@ The Hugging Face Hub is out of reach, and IFEval itself is far beyond what a mod
 learn, so this module generates a small task of the same shape. Each prompt asks for a short note about one of
 [`TOPICS`] and adds one to three IFEval instructions drawn from [`INSTRUCTION_IDS`]. The instruction text is produced
 by the lm-eval checkers' own `build_description(**kwargs)`, and the rows carry the IFEval columns
-`instruction_id_list` and `kwargs`, so [`trl_uniapl.rewards`] and [`trl_uniapl.evaluation`] score them with lm-eval's
+`instruction_id_list` and `kwargs`, so [`rewards`] and [`evaluation`] score them with lm-eval's
 checkers, exactly as they would score google/IFEval.
 
 Three choices keep the task from being gamed by one constant, prompt-independent reply:
 
 - every row has a topic, checked through the `topic_keywords` column (at least one keyword as a whole word, see
-  [`trl_uniapl.rewards.mentions_topic`]), and [`TOPICS`] do not share keywords;
+  [`rewards.mentions_topic`]), and [`TOPICS`] do not share keywords;
 - `change_case:english_lowercase` and `change_case:english_capital` are mutually exclusive ([`EXCLUSIVE_INSTRUCTIONS`]:
   never in one prompt), so no reply can satisfy every case instruction;
 - `keywords:forbidden_words` forbids words of the row's own topic (never its main word `topic_keywords[0]`, never a
@@ -22,8 +22,8 @@ checkers ask it whether the text is English, which is unreliable on short text) 
 its candidate with lm-eval's checker and, if needed, takes the next of a few deterministic alternatives. Without a
 case instruction, the teacher writes mixed case and always uses a comma; it adds no title, quotation marks, bullets,
 postscript or end phrase unless asked, so each instruction's effect appears (almost) only when requested, see
-[`trl_uniapl.evaluation.evaluate_ifeval`]. [`plain_response`] writes on topic and ignores every instruction: the
-warm-up data of [`trl_uniapl.student`].
+[`evaluation.evaluate_ifeval`]. [`plain_response`] writes on topic and ignores every instruction: the
+warm-up data of [`trl_uniapl.demo.student`].
 
 [`make_splits`] returns seeded `demonstrations` (with teacher completions), `preference` (prompts only) and `eval`.
 The `eval` split holds out generalisation on two axes: [`HELDOUT_TOPICS`] never appear in training rows, and training
@@ -71,8 +71,8 @@ class Topic:
 
 
 def load_topics() -> tuple[Topic, ...]:
-    """The task's topics, from the package data file `trl_uniapl/data/topics.json`."""
-    with resources.files("trl_uniapl").joinpath("data", "topics.json").open(encoding="utf-8") as f:
+    """The task's topics, from the package data file `trl_uniapl/ifeval/data/topics.json`."""
+    with resources.files("trl_uniapl.ifeval").joinpath("data", "topics.json").open(encoding="utf-8") as f:
         table = json.load(f)
     return tuple(
         Topic(topic["name"], topic["title"], tuple(topic["keywords"]), tuple(topic["sentences"]))

@@ -3,7 +3,7 @@
 These are the analyses the UniAPL abstract (arXiv 2509.25148) reports, rebuilt for this project:
 
 - [`evaluate_ifeval`]: IFEval's four metrics (prompt- and instruction-level, strict and loose) computed with lm-eval's
-  checkers through [`trl_uniapl.rewards.check_response`], plus how often each instruction's effect appears when the
+  checkers through [`rewards.check_response`], plus how often each instruction's effect appears when the
   prompt did *not* ask for it, topic accuracy and response lengths;
 - [`expert_logprob`]: mean per-token log-probability of expert completions under a model;
 - [`length_wasserstein`]: the 1-D Wasserstein-1 distance between two length samples (policy against expert).
@@ -155,7 +155,7 @@ def evaluate_ifeval(
             Its tokenizer; prompts are rendered with its chat template (`add_generation_prompt=True`) when it has one.
         dataset ([`~datasets.Dataset`] or sequence of dicts):
             Rows with `prompt` (string or conversational), `instruction_id_list` and `kwargs`; optional
-            `topic_keywords` (topic check, see [`trl_uniapl.rewards`]), `expert_completion` (expert lengths), and
+            `topic_keywords` (topic check, see [`rewards`]), `expert_completion` (expert lengths), and
             boolean `unseen_topic` / `unseen_combination` (accuracy per group).
         max_new_tokens (`int`, *optional*, defaults to `96`):
             Generation budget per response.

@@ -1,8 +1,9 @@
 """Build the small student model of the embedded task, warmed up on topic text, and cache it on disk.
 
 The student is a Qwen3 causal LM of about one to two million parameters with a 2,000-token byte-level BPE vocabulary,
-both created by [`trl_uniapl.tiny.build_tiny_model`] from the task's own text (training topics only). It is then
-warmed up briefly on prompts of [`trl_uniapl.task`] answered by [`trl_uniapl.task.plain_response`]: on-topic text that
+both created by [`trl_uniapl.demo.tiny.build_tiny_model`] from the task's own text (training topics only). It is then
+warmed up briefly on prompts of [`~trl_uniapl.ifeval.task`] answered by [`~trl_uniapl.ifeval.task.plain_response`]
+: on-topic text that
 ignores the instructions. After the warm-up the student writes about the training topics but does not follow
 instructions yet, which is the starting point for SFT, GRPO and UniAPL.
 
@@ -28,8 +29,8 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as transformers_logging
 
-from . import task
-from .rewards import prompt_text
+from ..ifeval import task
+from ..ifeval.rewards import prompt_text
 from .tiny import build_tiny_model
 
 STUDENT_VERSION = "v1"
@@ -188,11 +189,11 @@ def build_student(
         num_hidden_layers (`int`, *optional*, defaults to `3`),
         num_attention_heads (`int`, *optional*, defaults to `4`),
         vocab_size (`int`, *optional*, defaults to `2000`):
-            Shape of the Qwen3 model and of its BPE vocabulary (passed to [`trl_uniapl.tiny.build_tiny_model`]).
+            Shape of the Qwen3 model and of its BPE vocabulary (passed to [`trl_uniapl.demo.tiny.build_tiny_model`]).
         num_corpus_rows (`int`, *optional*, defaults to `2000`):
             Rows of [`task_corpus`] the tokenizer is trained on.
         num_warmup_examples (`int`, *optional*, defaults to `4000`):
-            Prompts answered with [`trl_uniapl.task.plain_response`] for the warm-up.
+            Prompts answered with [`trl_uniapl.ifeval.task.plain_response`] for the warm-up.
         num_epochs (`int`, *optional*, defaults to `2`),
         batch_size (`int`, *optional*, defaults to `32`),
         learning_rate (`float`, *optional*, defaults to `3e-3`):

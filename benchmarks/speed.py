@@ -329,6 +329,17 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
+def write_report(report: dict[str, Any], output_dir: str, name: str, table: str) -> dict[str, Any]:
+    """Write `name`.json and `name`.md (the table) to `output_dir`, drop the runs' scratch folder, print the table."""
+    shutil.rmtree(os.path.join(output_dir, "tmp"), ignore_errors=True)
+    with open(os.path.join(output_dir, f"{name}.json"), "w") as f:
+        json.dump(report, f, indent=1, default=float)
+    with open(os.path.join(output_dir, f"{name}.md"), "w") as f:
+        f.write(table)
+    print(table)
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smallest", action="store_true", help="Tiny setting with the fast test student (seconds).")
@@ -475,13 +486,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "records": records,
         "wall_seconds": time.perf_counter() - wall_start,
     }
-    shutil.rmtree(os.path.join(args.output_dir, "tmp"), ignore_errors=True)
-    with open(os.path.join(args.output_dir, "speed.json"), "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    with open(os.path.join(args.output_dir, "speed.md"), "w") as f:
-        f.write(markdown(report))
-    print(markdown(report))
-    return report
+    return write_report(report, args.output_dir, "speed", markdown(report))
 
 
 def update_memory(args, argv) -> dict[str, Any]:
@@ -642,13 +647,7 @@ def gpu_main(args, argv) -> dict[str, Any]:
         "results": results,
         "wall_seconds": time.perf_counter() - wall_start,
     }
-    shutil.rmtree(os.path.join(args.output_dir, "tmp"), ignore_errors=True)
-    with open(os.path.join(args.output_dir, "gpu.json"), "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    with open(os.path.join(args.output_dir, "gpu.md"), "w") as f:
-        f.write(gpu_markdown(report))
-    print(gpu_markdown(report))
-    return report
+    return write_report(report, args.output_dir, "gpu", gpu_markdown(report))
 
 
 def gpu_markdown(report: dict[str, Any]) -> str:

@@ -114,6 +114,16 @@ def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def optimizer_settings(args: Any) -> dict[str, Any]:
+    """The [`Discriminator`] arguments a [`UniAPLConfig`] sets: its AdamW optimizer and the rows per forward pass."""
+    return {
+        "learning_rate": args.discriminator_learning_rate,
+        "weight_decay": args.discriminator_weight_decay,
+        "max_grad_norm": args.discriminator_max_grad_norm,
+        "batch_size": args.per_device_train_batch_size,
+    }
+
+
 class Discriminator:
     """
     Discriminator model, tokenizer and optimizer, with the few operations UniAPL needs.

@@ -37,7 +37,7 @@ from torch import nn
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from .config import DISCRIMINATOR_TYPES  # noqa: F401 - re-exported
-from .discriminator import Discriminator
+from .discriminator import Discriminator, optimizer_settings
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 RNG_STATE_NAME = "discriminator_rng_state.pt"
@@ -450,9 +450,6 @@ def build_shared_discriminator(
         model,
         processing_class,
         uses_policy_tokens=True,
-        learning_rate=args.discriminator_learning_rate,
-        weight_decay=args.discriminator_weight_decay,
-        max_grad_norm=args.discriminator_max_grad_norm,
-        batch_size=args.per_device_train_batch_size,
+        **optimizer_settings(args),
         base_model_name_or_path=None if kind == "shared" and not _is_peft_model(policy) else base_model_name_or_path,
     )

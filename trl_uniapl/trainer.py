@@ -32,6 +32,7 @@ from .discriminator import (
     js_estimate,
     load_discriminator_model,
     load_discriminator_tokenizer,
+    optimizer_settings,
     policy_quantization_config,
 )
 from .shared_discriminator import build_shared_discriminator, resolve_discriminator_type
@@ -344,13 +345,7 @@ class UniAPLTrainer(GRPOTrainer):
         ):
             discriminator.to(self.accelerator.device)
         return Discriminator(
-            discriminator,
-            processing_class,
-            uses_policy_tokens=uses_policy_tokens,
-            learning_rate=args.discriminator_learning_rate,
-            weight_decay=args.discriminator_weight_decay,
-            max_grad_norm=args.discriminator_max_grad_norm,
-            batch_size=args.per_device_train_batch_size,
+            discriminator, processing_class, uses_policy_tokens=uses_policy_tokens, **optimizer_settings(args)
         )
 
     def _check_discriminator_reads_policy_tokens(self, discriminator: PreTrainedModel, policy_id: str) -> None:

@@ -239,35 +239,31 @@ def test_quality_quick_end_to_end_resumes_and_reports(tmp_path, student_cache):
     assert all(f"| {method} |" in table for method in quality.METHODS) and "Paired differences" in table
     assert "minus_reference" in out["results"]["sft"] and "minus_reference" not in out["results"]["uniapl"]
 
-    # Rerunning the command trains nothing; the λ sweep starts from the selection of the base regime.
+    # Rerunning the command trains nothing.
     mtimes = {path: path.stat().st_mtime_ns for path in runs}
     quality.main(argv)
     assert {path: path.stat().st_mtime_ns for path in runs} == mtimes
-    sweep = quality.main([*argv, "--regime", "lambda_sweep", "--base", "default", "--seeds", "1"])
-    assert "uniapl_lagrangian" in sweep["results"] and sweep["complete"]
-    assert sweep["results"]["uniapl"]["config"] == out["selection"]["uniapl"]["config"]
 
 
-@pytest.mark.slow
-def test_speed_smallest_setting(tmp_path, student_cache):
-    speed = load("speed")
-    output_dir = tmp_path / "speed"
-    argv = ["--smallest", "--student_cache", student_cache, "--output_dir", str(output_dir), "--no_memory"]
-    report = speed.main(argv)
+def test_lambda_sweep_starts_from_the_base_regimes_validation_selection(tmp_path):
+    protocol, quality = load("quality_protocol"), load("quality")
+    argv = ["--regime", "lambda_sweep", "--base", "scarce", "--output_dir", str(tmp_path), "--report"]
+    with pytest.raises(SystemExit, match="--regime scarce --phase grid"):
+        quality.main(argv)
 
-    saved = json.loads((output_dir / "speed.json").read_text())
-    assert (output_dir / "speed.md").is_file()
-    assert set(saved["summary"]) == set(speed.KINDS)
-    length = saved["settings"]["completion_length"]
-    for kind in ("grpo", "uniapl", "uniapl_no_disc"):
-        # Every completion has exactly `completion_length` tokens: the ratio compares equal generation work.
-        assert saved["summary"][kind]["completion_lengths_seen"] == [float(length)], kind
-        assert set(saved["summary"][kind]["breakdown_median_seconds"]) == set(speed.PARTS)
-    breakdown = saved["summary"]["uniapl"]["breakdown_median_seconds"]
-    assert breakdown["generation"] > 0 and breakdown["discriminator_update"] > 0
-    assert breakdown["discriminator_scoring"] > 0 and breakdown["sft_forward"] > 0
-    ratios = saved["ratios"]
-    for key in ("uniapl_over_grpo_step_time", "uniapl_over_grpo_memory", "uniapl_over_grpo_plus_sft_step_time"):
-        assert key in ratios
-    assert ratios["uniapl_over_grpo_step_time"]["median"] > 0
-    assert report["ratios"] == saved["ratios"]
+    selected = {"learning_rate": 0.004, "adversarial_coef": 0.5}
+    sweep = protocol.sweep_grids({"uniapl": {"config": selected}})
+    assert sweep["uniapl"] == [selected] and {len(configs) for configs in sweep.values()} == {1}
+    lambdas = sorted(c[0]["adversarial_coef"] for m, c in sweep.items() if m != "uniapl_lagrangian")
+    assert lambdas == sorted({*protocol.SWEEP_LAMBDAS, 0.5})
+    assert sweep["uniapl_lagrangian"][0]["adversarial_coef_mode"] == "lagrangian"
+    assert all(c[0]["learning_rate"] == 0.004 for c in sweep.values())
+    assert all(quality.budget(m, quality.FULL) == quality.budget("uniapl", quality.FULL) for m in sweep)
+
+    # With the base regime's selection and settings on disk, the sweep's report lists every variant as pending.
+    base = protocol.RunStore(str(tmp_path / "scarce"))
+    settings = {**quality.FULL, **protocol.REGIMES["scarce"], "data_seed": 0}
+    base.check_settings(settings)
+    protocol.write_json(base.selection_path, {"uniapl": {"config": selected}})
+    out = quality.main(argv)
+    assert set(out["results"]) == set(sweep) and not out["complete"]

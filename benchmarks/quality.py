@@ -442,7 +442,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--phase", default="all", choices=("all", "grid"), help="'grid': stop after the selection.")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--output_dir", default="benchmarks/results/quality_protocol", help="Parent of the regimes.")
-    parser.add_argument("--report", action="store_true", help="Only build quality.json/.md from the finished runs.")
+    parser.add_argument(
+        "--report",
+        "--merge",
+        dest="report",
+        action="store_true",
+        help="Only build quality.json/.md (and the plot) from the finished runs; marks what is missing.",
+    )
     parser.add_argument("--data_seed", type=int, default=0, help="Seed of the task splits (same for every method).")
     parser.add_argument("--num_bootstrap", type=int, default=1000)
     parser.add_argument("--student_fast", action="store_true", help="Use the much smaller test student.")
@@ -461,7 +467,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "settings": settings,
         "grid_size": protocol.GRID_SIZE,
     }
+    reference_path = os.path.join(store.root, "reference.json")
     if args.report:
+        if os.path.exists(reference_path):
+            extra["reference"] = protocol.read_json(reference_path)
         return protocol.report(store, grid, grid_seeds, seeds, extra, args.num_bootstrap)
     store.check_settings(settings)
 
@@ -482,7 +491,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings["num_test"],
     )
 
-    reference_path = os.path.join(store.root, "reference.json")
     if not os.path.exists(reference_path):  # the untrained student and a constant reply on both held-out splits
         initial = AutoModelForCausalLM.from_pretrained(model_path)
         reference = {
@@ -524,6 +532,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     protocol.run_protocol(
         store, grid, train_and_evaluate, grid_seeds, seeds, phase=args.phase, log=lambda line: print(line, flush=True)
     )
+    extra["reference"] = protocol.read_json(reference_path)
     out = protocol.report(store, grid, grid_seeds, seeds, extra, args.num_bootstrap)
     print(protocol.markdown(out))
     return out

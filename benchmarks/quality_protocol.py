@@ -311,6 +311,27 @@ def run_protocol(
 # ---------------------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------------------
+# The issue's evidence for why the discriminator does or does not help: tied groups (no GRPO gradient), how well the
+# discriminator separates expert from policy, the adversarial reward and the λ applied.
+SIGNALS = (
+    "frac_reward_zero_std",
+    "discriminator/acc_real",
+    "discriminator/acc_fake",
+    "adversarial/reward_mean",
+    "adversarial/coef",
+)
+
+
+def training_signals(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Mean over the logged steps, then over seeds, of each training signal the runs logged."""
+    out = {}
+    for key in SIGNALS:
+        per_run = [np.mean(values) for r in records if (values := [h[key] for h in r.get("history", []) if key in h])]
+        if per_run:
+            out[key] = float(np.mean(per_run))
+    return out
+
+
 def _mean_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Mean over seeds of each report metric the records have."""
     keys = [k for k in REPORT_METRICS if all(r["metrics"].get(k) is not None for r in records)]
@@ -355,6 +376,7 @@ def report(
             entry["test"] = bootstrap([r["per_prompt"] for r in ordered], num_samples=num_bootstrap)
             entry["budget"] = ordered[0].get("budget")
             entry["train_seconds"] = float(np.mean([r["train_seconds"] for r in ordered]))
+            entry["training_signals"] = training_signals(ordered)
             paired = sorted(set(runs) & set(reference))
             if method != REFERENCE_METHOD and paired:
                 entry["minus_reference"] = bootstrap(
@@ -374,10 +396,44 @@ def report(
         **(extra or {}),
     }
     out["complete"] = all(not e["missing_seeds"] for e in results.values()) and set(selection) == set(grid)
+    out["plots"] = plot(out, store.root)
     write_json(os.path.join(store.root, "quality.json"), out)
     with open(os.path.join(store.root, "quality.md"), "w") as f:
         f.write(markdown(out))
     return out
+
+
+def plot(out: Mapping[str, Any], directory: str) -> list[str]:
+    """Test accuracy per method and paired differences against the reference, with their intervals (needs
+    matplotlib, the `plots` extra; without it the report has no figure and says so)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    methods = [m for m, e in out["results"].items() if "test" in e]
+    if not methods:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, title in (
+        (axes[0], "test", "test prompt-level strict acc (%)"),
+        (axes[1], "minus_reference", f"minus {out['reference_method']} (points, paired)"),
+    ):
+        shown = [m for m in methods if key in out["results"][m]]
+        stats = [out["results"][m][key]["prompt_level_strict_acc"] for m in shown]
+        means = np.array([s["mean"] for s in stats]) * 100
+        errors = np.array([[s["mean"] - s["low"], s["high"] - s["mean"]] for s in stats]).T * 100
+        ax.bar(range(len(shown)), means, yerr=errors if len(shown) else None, capsize=4, alpha=0.7)
+        ax.set_xticks(range(len(shown)), shown, rotation=25, fontsize=8)
+        ax.axhline(0, color="k", lw=0.5)
+        ax.set_title(title + ", 95% CI", fontsize=9)
+    fig.tight_layout()
+    path = os.path.join(directory, "quality_accuracy.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [os.path.basename(path)]
 
 
 def _pct(stat: Mapping[str, float] | None, scale: float, digits: int) -> str:
@@ -417,6 +473,13 @@ def markdown(out: Mapping[str, Any]) -> str:
         cells = [_pct(entry["test"].get(key), scale, digits) for key, _, scale, digits in COLUMNS]
         samples = (entry.get("budget") or {}).get("samples", "–")
         lines.append(f"| {method} | {n} | " + " | ".join(cells) + f" | {samples} | {entry['train_seconds']:.0f} |")
+    if out.get("reference"):
+        test = out["reference"]["test"]
+        lines += [
+            "",
+            f"References on the test split: untrained student {test['student']['prompt_level_strict_acc'] * 100:.1f}% "
+            f"prompt strict, one constant reply {test['constant_reply']['prompt_level_strict_acc'] * 100:.1f}%.",
+        ]
     reference = out["reference_method"]
     lines += [
         "",
@@ -433,6 +496,18 @@ def markdown(out: Mapping[str, Any]) -> str:
             continue
         cells = [_pct(entry["minus_reference"].get(key), scale, digits) for key, _, scale, digits in COLUMNS]
         lines.append(f"| {method} | {entry['paired_seeds']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Training signals (test runs; mean over logged steps, then seeds)",
+        "",
+        "| method | " + " | ".join(SIGNALS) + " |",
+        "|" + "---|" * (len(SIGNALS) + 1),
+    ]
+    for method, entry in out["results"].items():
+        signals = entry.get("training_signals", {})
+        lines.append(
+            f"| {method} | " + " | ".join(f"{signals[k]:.3f}" if k in signals else "–" for k in SIGNALS) + " |"
+        )
     lines += [
         "",
         f"## Tuning record (validation split, grid seeds {out['grid_seeds']}; selected in **bold**)",

@@ -221,7 +221,14 @@ def test_quality_quick_end_to_end_resumes_and_reports(tmp_path, student_cache):
             "max_completion_length=12"]  # fmt: skip
     out = quality.main(argv)
     root = tmp_path / "default-quick"
-    for name in ("quality.json", "quality.md", "selection.json", "settings.json", "reference.json"):
+    for name in (
+        "quality.json",
+        "quality.md",
+        "selection.json",
+        "settings.json",
+        "reference.json",
+        "quality_accuracy.png",
+    ):
         assert (root / name).is_file(), name
     assert out["complete"] and set(out["results"]) == set(quality.METHODS)
     runs = sorted((root / "runs").rglob("*.json"))
@@ -237,6 +244,7 @@ def test_quality_quick_end_to_end_resumes_and_reports(tmp_path, student_cache):
             assert recomputed[key] == pytest.approx(run["metrics"][key], abs=1e-9), (path.name, key)
     table = (root / "quality.md").read_text()
     assert all(f"| {method} |" in table for method in quality.METHODS) and "Paired differences" in table
+    assert "untrained student" in table and "frac_reward_zero_std" in table
     assert "minus_reference" in out["results"]["sft"] and "minus_reference" not in out["results"]["uniapl"]
 
     # Rerunning the command trains nothing.

@@ -278,6 +278,9 @@ def run_protocol(
     `train_and_evaluate(method, config, seed, split)` returns a JSON-able record with at least `metrics`.
     """
     total = sum(len(configs) for configs in grid.values()) * len(grid_seeds)
+    finished = sum(os.path.exists(store.grid_path(m, c, s)) for m, cs in grid.items() for c in cs for s in grid_seeds)
+    tests = sum(os.path.exists(store.test_path(m, s)) for m in grid for s in seeds)
+    log(f"{store.root}: {finished}/{total} grid runs and {tests}/{len(grid) * len(seeds)} test runs already finished")
     done = 0
     for method, configs in grid.items():
         for config in configs:

@@ -473,6 +473,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             extra["reference"] = protocol.read_json(reference_path)
         return protocol.report(store, grid, grid_seeds, seeds, extra, args.num_bootstrap)
     store.check_settings(settings)
+    if args.regime == "lambda_sweep":  # the reference configuration's runs already exist in the base regime
+        base = protocol.RunStore(os.path.join(args.output_dir, args.base + ("-quick" if args.quick else "")))
+        copied = protocol.reuse_runs(base, store, "uniapl", grid["uniapl"][0], grid_seeds, seeds)
+        print(f"reused {copied} finished UniAPL runs of {base.root}", flush=True)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -75,6 +75,32 @@ def sweep_grids(base_selection: Mapping[str, Any]) -> dict[str, list[dict[str, A
     return variants
 
 
+def reuse_runs(
+    source: RunStore,
+    target: RunStore,
+    method: str,
+    config: Mapping[str, Any],
+    grid_seeds: Sequence[int],
+    seeds: Sequence[int],
+) -> int:
+    """Copy `method`'s finished runs at `config` from `source` (same settings, checked by the caller) into `target`.
+
+    The λ sweep's reference is the base regime's selected UniAPL configuration, whose runs the base regime already
+    made with the same seeds, splits and settings: training them again would give the same runs at the same cost.
+    Returns the number of files copied.
+    """
+    copied = 0
+    pairs = [(source.grid_path(method, config, s), target.grid_path(method, config, s)) for s in grid_seeds]
+    pairs += [(source.test_path(method, s), target.test_path(method, s)) for s in seeds]
+    for origin, destination in pairs:
+        if os.path.exists(origin) and not os.path.exists(destination):
+            record = read_json(origin)
+            if record["config"] == dict(config):
+                write_json(destination, {**record, "copied_from": origin})
+                copied += 1
+    return copied
+
+
 def method_kind(method: str) -> str:
     """The training code a method name runs: the sweep's variants are UniAPL runs."""
     return "uniapl" if method.startswith("uniapl_lambda") or method == "uniapl_lagrangian" else method

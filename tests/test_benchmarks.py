@@ -268,6 +268,17 @@ def test_lambda_sweep_starts_from_the_base_regimes_validation_selection(tmp_path
     assert all(c[0]["learning_rate"] == 0.004 for c in sweep.values())
     assert all(quality.budget(m, quality.FULL) == quality.budget("uniapl", quality.FULL) for m in sweep)
 
+    # The reference configuration's runs are copied from the base regime, not trained again; other configs are not.
+    source, target = protocol.RunStore(str(tmp_path / "a")), protocol.RunStore(str(tmp_path / "b"))
+    for seed in (0, 1):
+        protocol.write_json(source.test_path("uniapl", seed), {"config": selected, "seed": seed})
+    protocol.write_json(source.grid_path("uniapl", selected, 0), {"config": selected, "seed": 0})
+    assert protocol.reuse_runs(source, target, "uniapl", selected, [0], [0, 1, 2]) == 3
+    assert protocol.read_json(target.test_path("uniapl", 1))["seed"] == 1
+    assert not os.path.exists(target.test_path("uniapl", 2))
+    other = protocol.RunStore(str(tmp_path / "c"))
+    assert protocol.reuse_runs(source, other, "uniapl", {**selected, "adversarial_coef": 0.1}, [0], [0, 1]) == 0
+
     # With the base regime's selection and settings on disk, the sweep's report lists every variant as pending.
     base = protocol.RunStore(str(tmp_path / "scarce"))
     settings = {**quality.FULL, **protocol.REGIMES["scarce"], "data_seed": 0}

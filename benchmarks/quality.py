@@ -28,6 +28,7 @@ same command skips them, so a killed session loses at most the run in progress.
     python benchmarks/quality.py --regime sparse                   # all-or-nothing IFEval reward
     python benchmarks/quality.py --regime lambda_sweep --base scarce   # λ values and the Lagrangian mode
     python benchmarks/quality.py --regime default --report         # quality.json/.md from what is finished
+    python benchmarks/quality.py --regime default --jobs 2         # the runs in 2 processes side by side
     python benchmarks/quality.py --quick                           # a few minutes, pipeline check only
 """
 
@@ -37,6 +38,7 @@ import argparse
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -426,6 +428,57 @@ def regime_grid(args, settings) -> dict[str, list[dict[str, Any]]]:
     return {method: grid[method] for method in args.methods}
 
 
+def _without_options(argv: list[str], options: dict[str, int]) -> list[str]:
+    """`argv` without the given options and their values (`{"--jobs": 1}`: the option and one value)."""
+    kept, skip = [], 0
+    for item in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = item.split("=", 1)[0]
+        if name in options:
+            skip = 0 if "=" in item else options[name]
+            continue
+        kept.append(item)
+    return kept
+
+
+def run_in_processes(argv: list[str], args, store: protocol.RunStore, grid, grid_seeds) -> None:
+    """`--jobs N`: N worker processes for the grid, the selection, then N workers for the test runs.
+
+    Each worker takes every N-th run of the phase (`run_protocol(shard=...)`) with `cpu_count // N` threads: the
+    student is so small that one process leaves cores idle between its many small operations (the earlier protocol ran
+    its seeds as three single-thread processes). Logs go to `<regime>/logs/`; a failed worker leaves its finished runs
+    on disk.
+    """
+    base = _without_options(argv, {"--jobs": 1, "--phase": 1, "--shard": 1})
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    os.makedirs(os.path.join(store.root, "logs"), exist_ok=True)
+    for phase in {"all": ("grid", "test"), "grid": ("grid",), "test": ("test",)}[args.phase]:
+        workers = []
+        for index in range(args.jobs):
+            log = open(os.path.join(store.root, "logs", f"{phase}-shard{index}.txt"), "a")
+            command = [sys.executable, os.path.abspath(__file__), *base, "--phase", phase, "--shard",
+                       f"{index}/{args.jobs}"]  # fmt: skip
+            print(f"{phase} shard {index}/{args.jobs}: log {log.name}", flush=True)
+            workers.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment), log))
+        failed = []
+        for index, (process, log) in enumerate(workers):
+            process.wait()
+            log.close()
+            if process.returncode != 0:
+                failed.append(index)
+        if failed:
+            raise RuntimeError(
+                f"{phase} shards {failed} failed (logs in {store.root}/logs); the finished runs are on disk: rerun "
+                f"the same command to continue."
+            )
+        if phase == "grid":  # the grid shards each saw only part of the grid: select once all are finished
+            selection = protocol.select(protocol.load_grid_runs(store, grid, grid_seeds), grid)
+            protocol.write_json(store.selection_path, selection)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--regime", default="default", choices=[*protocol.REGIMES, "lambda_sweep"])
@@ -439,7 +492,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, default=None, help="Test seeds per selected configuration (default 5).")
     parser.add_argument("--grid_seeds", type=int, default=1, help="Seeds per grid point on validation (default 1).")
     parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (the budget knob).")
-    parser.add_argument("--phase", default="all", choices=("all", "grid"), help="'grid': stop after the selection.")
+    parser.add_argument(
+        "--phase",
+        default="all",
+        choices=("all", "grid", "test"),
+        help="'grid': stop after the selection; 'test': only the test runs (the grid must be finished).",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="Processes side by side, each with its share of the CPU threads and every n-th run of each phase (the "
+        "grid, then the test runs); 1: one process, runs in turn.",
+    )
+    parser.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/n": set by --jobs for its workers
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--output_dir", default="benchmarks/results/quality_protocol", help="Parent of the regimes.")
     parser.add_argument(
@@ -472,8 +538,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if os.path.exists(reference_path):
             extra["reference"] = protocol.read_json(reference_path)
         return protocol.report(store, grid, grid_seeds, seeds, extra, args.num_bootstrap)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}.")
     store.check_settings(settings)
-    if args.regime == "lambda_sweep":  # the reference configuration's runs already exist in the base regime
+    if args.jobs > 1:
+        run_in_processes(argv if argv is not None else sys.argv[1:], args, store, grid, grid_seeds)
+        if os.path.exists(reference_path):
+            extra["reference"] = protocol.read_json(reference_path)
+        out = protocol.report(store, grid, grid_seeds, seeds, extra, args.num_bootstrap)
+        print(protocol.markdown(out))
+        return out
+    shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else (0, 1)
+    if (
+        args.regime == "lambda_sweep" and shard[0] == 0
+    ):  # the reference configuration's runs already exist in the base regime
         base = protocol.RunStore(os.path.join(args.output_dir, args.base + ("-quick" if args.quick else "")))
         copied = protocol.reuse_runs(base, store, "uniapl", grid["uniapl"][0], grid_seeds, seeds)
         print(f"reused {copied} finished UniAPL runs of {base.root}", flush=True)
@@ -495,7 +573,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings["num_test"],
     )
 
-    if not os.path.exists(reference_path):  # the untrained student and a constant reply on both held-out splits
+    if not os.path.exists(reference_path) and shard[0] == 0:  # the untrained student and a constant reply
         initial = AutoModelForCausalLM.from_pretrained(model_path)
         reference = {
             split: {
@@ -534,8 +612,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
 
     protocol.run_protocol(
-        store, grid, train_and_evaluate, grid_seeds, seeds, phase=args.phase, log=lambda line: print(line, flush=True)
+        store,
+        grid,
+        train_and_evaluate,
+        grid_seeds,
+        seeds,
+        phase=args.phase,
+        log=lambda line: print(line, flush=True),
+        shard=shard,
     )
+    if args.shard:  # a worker of --jobs: the parent reports once every shard has finished
+        return {}
     extra["reference"] = protocol.read_json(reference_path)
     out = protocol.report(store, grid, grid_seeds, seeds, extra, args.num_bootstrap)
     print(protocol.markdown(out))

@@ -297,43 +297,50 @@ def run_protocol(
     seeds: Sequence[int],
     phase: str = "all",
     log: Callable[[str], None] = print,
+    shard: tuple[int, int] = (0, 1),
 ) -> dict[str, Any]:
     """Grid on validation for every method, selection, then `seeds` on test at each selected configuration.
 
-    Every finished run is written at once; a rerun skips what exists. `phase="grid"` stops after the selection.
+    Every finished run is written at once; a rerun skips what exists. `phase="grid"` stops after the selection,
+    `phase="test"` skips the grid (its runs must be on disk). `shard=(i, n)` runs only every n-th run of each phase,
+    starting at the i-th: n processes with the n shards of one phase do every run of it once (`quality.py --jobs`).
     `train_and_evaluate(method, config, seed, split)` returns a JSON-able record with at least `metrics`.
     """
-    total = sum(len(configs) for configs in grid.values()) * len(grid_seeds)
-    finished = sum(os.path.exists(store.grid_path(m, c, s)) for m, cs in grid.items() for c in cs for s in grid_seeds)
+    index, count = shard
+    grid_runs = [(m, c, s) for m, configs in grid.items() for c in configs for s in grid_seeds]
+    finished = sum(os.path.exists(store.grid_path(*run)) for run in grid_runs)
     tests = sum(os.path.exists(store.test_path(m, s)) for m in grid for s in seeds)
-    log(f"{store.root}: {finished}/{total} grid runs and {tests}/{len(grid) * len(seeds)} test runs already finished")
-    done = 0
-    for method, configs in grid.items():
-        for config in configs:
-            for seed in grid_seeds:
-                done += 1
-                path = store.grid_path(method, config, seed)
-                if os.path.exists(path):
-                    continue
-                log(f"grid {done}/{total}: {method} {config_id(config)} seed {seed} (validation)")
-                record = train_and_evaluate(method, dict(config), seed, "validation")
-                write_json(path, {**record, "method": method, "config": config, "seed": seed, "split": "validation"})
+    log(
+        f"{store.root}: {finished}/{len(grid_runs)} grid runs and {tests}/{len(grid) * len(seeds)} test runs already "
+        f"finished"
+    )
+    if phase != "test":
+        for number, (method, config, seed) in enumerate(grid_runs):
+            path = store.grid_path(method, config, seed)
+            if number % count != index or os.path.exists(path):
+                continue
+            log(f"grid {number + 1}/{len(grid_runs)}: {method} {config_id(config)} seed {seed} (validation)")
+            record = train_and_evaluate(method, dict(config), seed, "validation")
+            write_json(path, {**record, "method": method, "config": config, "seed": seed, "split": "validation"})
     selection = select(load_grid_runs(store, grid, grid_seeds), grid)
-    write_json(store.selection_path, selection)
+    if count == 1 or phase == "test":  # a grid shard sees the other shards' runs only once all have finished
+        write_json(store.selection_path, selection)
     if phase == "grid":
         return selection
-    for method in grid:
-        if method not in selection:  # only when a grid run failed to appear: never fall back to another choice
-            log(f"{method}: grid incomplete, no test runs")
+    test_runs = [(m, s) for m in grid for s in seeds]
+    for number, (method, seed) in enumerate(test_runs):
+        if number % count != index:
             continue
-        for seed in seeds:
-            path = store.test_path(method, seed)
-            if os.path.exists(path):
-                continue
-            config = selection[method]["config"]
-            log(f"test: {method} {config_id(config)} seed {seed}")
-            record = train_and_evaluate(method, dict(config), seed, "test")
-            write_json(path, {**record, "method": method, "config": config, "seed": seed, "split": "test"})
+        if method not in selection:  # only when a grid run failed to appear: never fall back to another choice
+            log(f"{method}: grid incomplete, no test run for seed {seed}")
+            continue
+        path = store.test_path(method, seed)
+        if os.path.exists(path):
+            continue
+        config = selection[method]["config"]
+        log(f"test: {method} {config_id(config)} seed {seed}")
+        record = train_and_evaluate(method, dict(config), seed, "test")
+        write_json(path, {**record, "method": method, "config": config, "seed": seed, "split": "test"})
     return selection
 
 
@@ -488,7 +495,7 @@ def markdown(out: Mapping[str, Any]) -> str:
     if not out["complete"]:
         lines += ["**Incomplete**: cells marked *pending* have runs still to do (rerun the same command).", ""]
     lines += [
-        f"## Test split ({seeds} seeds at each selected configuration; mean [95% bootstrap CI over seeds and "
+        f"## Test split ({len(seeds)} seeds at each selected configuration; mean [95% bootstrap CI over seeds and "
         "prompts])",
         "",
         header + " | samples | train s/run |",

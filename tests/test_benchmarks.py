@@ -180,6 +180,27 @@ def test_resume_skips_finished_runs_and_report_marks_pending_cells(tmp_path):
         store.check_settings({"steps": 20})
 
 
+def test_shards_split_each_phase_into_disjoint_parts_that_cover_it(tmp_path):
+    protocol = load("quality_protocol")
+    grids = {m: c for m, c in protocol.grids().items() if m in ("sft", "grpo", "uniapl")}
+    best = {"sft": 1, "grpo": 3, "uniapl": 0}
+    store = protocol.RunStore(str(tmp_path))
+    calls = []
+    for phase in ("grid", "test"):  # as --jobs runs them: every grid shard, then every test shard
+        for index in range(3):
+            fake = FakeRuns(protocol, store, best)
+            protocol.run_protocol(store, grids, fake, [0], [0, 1], phase=phase, shard=(index, 3), log=lambda _: None)
+            assert all(call[3] == ("validation" if phase == "grid" else "test") for call in fake.calls)
+            calls += fake.calls
+        if phase == "grid":  # what --jobs does once every grid shard has finished
+            selection = protocol.select(protocol.load_grid_runs(store, grids, [0]), grids)
+            protocol.write_json(store.selection_path, selection)
+    assert len(calls) == len(set(calls)) == 3 * protocol.GRID_SIZE + 3 * 2
+    assert {(m, c) for m, c, _, split in calls if split == "test"} == {
+        (m, protocol.config_id(grids[m][best[m]])) for m in grids
+    }
+
+
 def test_bootstrap_ci_over_seeds_and_prompts_on_toy_input():
     stats = load("quality_stats")
     n = 400
@@ -251,6 +272,23 @@ def test_quality_quick_end_to_end_resumes_and_reports(tmp_path, student_cache):
     mtimes = {path: path.stat().st_mtime_ns for path in runs}
     quality.main(argv)
     assert {path: path.stat().st_mtime_ns for path in runs} == mtimes
+
+
+@pytest.mark.slow
+def test_quality_jobs_run_shards_in_processes_and_report(tmp_path, student_cache):
+    quality = load("quality")
+    argv = ["--quick", "--student_fast", "--student_cache", student_cache, "--output_dir", str(tmp_path),
+            "--methods", "sft", "--jobs", "2", "--num_bootstrap", "20", "--set", "num_validation=8", "num_test=8",
+            "eval_max_new_tokens=8"]  # fmt: skip
+    out = quality.main(argv)
+    root = tmp_path / "default-quick"
+    assert out["complete"] and out["results"]["sft"]["finished_seeds"] == [0]
+    assert len(list((root / "runs" / "grid" / "sft").glob("*.json"))) == 4
+    assert sorted(p.name for p in (root / "logs").iterdir()) == [f"{phase}-shard{i}.txt" for phase in ("grid", "test")
+                                                                  for i in (0, 1)]  # fmt: skip
+    assert json.loads((root / "selection.json").read_text())["sft"]["config_id"]
+    with pytest.raises(ValueError, match="--jobs must be >= 1"):
+        quality.main(["--quick", "--output_dir", str(tmp_path / "none"), "--jobs", "0"])
 
 
 def test_lambda_sweep_starts_from_the_base_regimes_validation_selection(tmp_path):

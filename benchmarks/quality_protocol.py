@@ -109,7 +109,7 @@ def method_kind(method: str) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # Regimes
 # ---------------------------------------------------------------------------------------------------------------------
-def count_training_prompts(limit: int = 1_000_000) -> int:
+def count_training_prompts() -> int:
     """Distinct prompts `make_splits` can draw for training rows (train topics, no held-out pair), counted exactly.
 
     `make_splits` redraws until a prompt is new, so asking for more training rows than this never returns.
@@ -129,7 +129,7 @@ def count_training_prompts(limit: int = 1_000_000) -> int:
                     variants *= _kwarg_variants(instruction_id, topic)
                 # Instruction order changes the prompt text: every ordering is a distinct prompt.
                 total += variants * _factorial(size) * len(PROMPT_OPENERS)
-    return min(total, limit)
+    return total
 
 
 def _factorial(n: int) -> int:
@@ -161,7 +161,7 @@ REGIMES: dict[str, dict[str, Any]] = {
     "default": {"num_demonstrations": 256, "num_preference": 512, "reward": "dense"},
     # Scarce demonstrations: the discriminator is the only expert signal on most prompts. 48 demonstrations (the
     # issue's 32-64) and 1,024 preference prompts; make_splits has far more distinct training prompts than that
-    # (count_training_prompts), so the issue's ">= 1,024" is met as asked.
+    # (count_training_prompts: about 2.2 million), so the issue's ">= 1,024" is met as asked.
     "scarce": {"num_demonstrations": 48, "num_preference": 1024, "reward": "dense"},
     # IFEval's all-or-nothing reward: most groups tie, GRPO alone gets little signal.
     "sparse": {"num_demonstrations": 256, "num_preference": 512, "reward": "strict"},

@@ -287,8 +287,11 @@ def test_quality_jobs_run_shards_in_processes_and_report(tmp_path, student_cache
     assert sorted(p.name for p in (root / "logs").iterdir()) == [f"{phase}-shard{i}.txt" for phase in ("grid", "test")
                                                                   for i in (0, 1)]  # fmt: skip
     assert json.loads((root / "selection.json").read_text())["sft"]["config_id"]
+
+
+def test_quality_rejects_zero_jobs(tmp_path):
     with pytest.raises(ValueError, match="--jobs must be >= 1"):
-        quality.main(["--quick", "--output_dir", str(tmp_path / "none"), "--jobs", "0"])
+        load("quality").main(["--quick", "--output_dir", str(tmp_path), "--jobs", "0"])
 
 
 def test_lambda_sweep_starts_from_the_base_regimes_validation_selection(tmp_path):

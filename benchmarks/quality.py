@@ -1,33 +1,41 @@
-"""Quality benchmark: SFT, GRPO, SFT-then-GRPO, UniAPL and two ablations on the embedded instruction-following task.
+"""Quality benchmark: SFT, GRPO, SFT → GRPO, UniAPL and two ablations, each tuned on validation, then scored on test.
 
-Every method starts from the same cached student (`trl_uniapl.demo.student.build_student`), sees the same
-demonstrations, preference prompts and 400-prompt held-out split
-(`trl_uniapl.ifeval.task.make_splits(seed=--data_seed)`), and trains for the same number of optimizer steps with the
-same optimizer, learning rate and schedule family (linear decay):
+The protocol (`quality_protocol.py`), per regime:
 
-- `sft`: TRL `SFTTrainer` on the demonstrations, `demonstrations_per_step` demonstrations per step: exactly the number
-  of demonstrations each UniAPL step puts into its SFT term (so "demonstrations seen" is equal too). It samples
-  nothing, which is why its wall-clock is much lower.
-- `grpo`: TRL `GRPOTrainer` with `ifeval_dense_reward` on all prompts (preference prompts and the demonstrations'
-  prompts, without their completions); same generation batch (prompts x generations) as UniAPL.
-- `sft_then_grpo`: `sft` for `round(sft_fraction * steps)` steps, then `grpo` from that checkpoint for the rest.
-- `uniapl`: `UniAPLTrainer` with SFT term and discriminator (`UniAPLConfig` defaults, except the learning rates).
-- `uniapl_no_disc`: `adversarial_coef=0` (joint SFT + GRPO, no discriminator).
-- `uniapl_no_sft`: `sft_coef=0` (GRPO + discriminator reward).
+1. every method trains once per point of its tuning grid (`quality_protocol.grids`: GRID_SIZE points for every
+   method, over each method's sensible range) and is scored on the VALIDATION split;
+2. each method's best grid point is chosen on validation prompt-level strict accuracy (`selection.json`);
+3. `--seeds` (default 5) seeds at each selected configuration are trained and scored ONCE on the TEST split;
+4. the report gives means with 95% bootstrap confidence intervals over seeds and prompts, and paired differences
+   against UniAPL (same seeds, same prompts).
 
-Held-out metrics come from `trl_uniapl.ifeval.evaluation.evaluate_ifeval` (greedy) and `expert_logprob`; the table
-also shows the untrained student and a constant, prompt-independent reply. Outputs (in `--output_dir`): `quality.json`
-(every run's numbers and settings), `quality.md` (tables) and PNG plots.
+Every method starts from the same cached student (`trl_uniapl.demo.student.build_student`), trains for the same
+number of optimizer steps with AdamW and linear decay, and the methods that use demonstrations see the same number of
+them:
 
-    python benchmarks/quality.py --jobs 3        # full run: 3 seeds, one process each, merged
-    python benchmarks/quality.py                 # the same, seeds in turn in one process
-    python benchmarks/quality.py --quick         # a few minutes, pipeline check only
+- `sft`: TRL `SFTTrainer`, `demonstrations_per_step` demonstrations per step (as many as each UniAPL step's SFT term);
+- `grpo`: TRL `GRPOTrainer` on the preference prompts and the demonstrations' prompts;
+- `sft_then_grpo`: `SFTTrainer` for `sft_fraction` of the steps at `sft_learning_rate`, with enough demonstrations per
+  step to see as many as the others in total, then `GRPOTrainer` for the rest at `learning_rate`;
+- `uniapl`: `UniAPLTrainer` (SFT term and discriminator); `uniapl_no_disc`: `adversarial_coef=0`; `uniapl_no_sft`:
+  `sft_coef=0`.
+
+Sampling methods draw `num_generations` = 8 completions per prompt, with the same generation batch. Each run's JSON
+records its samples, demonstrations seen and seconds. Runs are written one file each as they finish; rerunning the
+same command skips them, so a killed session loses at most the run in progress.
+
+    python benchmarks/quality.py --regime default                  # 256 demonstrations, 512 prompts, dense reward
+    python benchmarks/quality.py --regime scarce                   # 48 demonstrations, 1,024 prompts
+    python benchmarks/quality.py --regime sparse                   # all-or-nothing IFEval reward
+    python benchmarks/quality.py --regime lambda_sweep --base scarce   # λ values and the Lagrangian mode
+    python benchmarks/quality.py --regime default --report         # quality.json/.md from what is finished
+    python benchmarks/quality.py --regime default --jobs 2         # the runs in 2 processes side by side
+    python benchmarks/quality.py --quick                           # a few minutes, pipeline check only
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shutil
@@ -42,20 +50,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from datasets import concatenate_datasets  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers in benchmarks/
+import quality_protocol as protocol  # noqa: E402
 from common import apply_overrides, machine, quiet_libraries  # noqa: E402
+from quality_stats import per_prompt_records  # noqa: E402
 
-from trl_uniapl.demo import student as student_lib  # noqa: E402
-from trl_uniapl.ifeval import task  # noqa: E402
-from trl_uniapl.ifeval.evaluation import _ifeval_metrics, evaluate_ifeval, expert_logprob  # noqa: E402
-from trl_uniapl.ifeval.rewards import check_response, ifeval_dense_reward, prompt_text  # noqa: E402
+from trl_uniapl.ifeval.evaluation import _ifeval_metrics  # noqa: E402
+from trl_uniapl.ifeval.rewards import check_response, ifeval_dense_reward, ifeval_strict_reward, prompt_text  # noqa: E402
 
-METHODS = ("sft", "grpo", "sft_then_grpo", "uniapl", "uniapl_no_disc", "uniapl_no_sft")
+METHODS = protocol.METHODS
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
+REWARDS = {"dense": ifeval_dense_reward, "strict": ifeval_strict_reward}
 # The same prompt-independent reply as tests/test_task.py: quoted, titled, lowercase, no commas, a P.S., an end phrase.
 CONSTANT_REPLY = (
     '"<<a short note>>\nhere is a short note that i wrote for you today and i hope you like it\n'
@@ -63,62 +69,46 @@ CONSTANT_REPLY = (
 )
 
 FULL = {
-    "steps": 200,
+    # Budget: optimizer steps per run (every method). Set by timing, see docs/benchmarks.md ("Budget").
+    "steps": 60,
+    # 4 prompts x 8 generations: the GRPO group size people use, for every sampling method.
     "per_device_train_batch_size": 32,
-    "num_generations": 2,
+    "num_generations": 8,
     "max_completion_length": 48,
+    # Defaults of the tuned knobs; each grid point overrides the ones it tunes.
     "learning_rate": 3e-3,
-    "discriminator_learning_rate": 1e-3,
+    "sft_learning_rate": 3e-3,
     "adversarial_coef": 0.1,
-    "discriminator_type": "shared",
+    "discriminator_type": "shared",  # or "full_copy": the previous default
+    "adversarial_coef_mode": "fixed",
     "sft_coef": 1.0,
+    # Fixed a priori for every UniAPL variant: the default 1e-5 barely moves a fresh discriminator in a few hundred
+    # steps (docs/benchmarks.md).
+    "discriminator_learning_rate": 1e-3,
     "sft_fraction": 0.5,
-    "num_eval": 400,
+    "num_validation": 200,
+    "num_test": 400,
     "eval_max_new_tokens": 64,
-    "curve_every": 50,
-    "curve_prompts": 100,
     "num_demonstrations": 256,
     "num_preference": 512,
+    "reward": "dense",
 }
 QUICK = {
     **FULL,
-    "steps": 4,
-    "per_device_train_batch_size": 8,
-    "num_generations": 4,
-    "max_completion_length": 24,
-    "num_eval": 40,
-    "eval_max_new_tokens": 32,
-    "curve_every": 2,
-    "curve_prompts": 16,
-    "num_demonstrations": 32,
-    "num_preference": 32,
+    "steps": 2,
+    "per_device_train_batch_size": 16,  # 2 prompts x 8 generations: the group size stays 8
+    "max_completion_length": 16,
+    "num_validation": 16,
+    "num_test": 16,
+    "eval_max_new_tokens": 16,
+    "num_demonstrations": 16,
+    "num_preference": 16,
 }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------------------------
-class HeldOutCurve(TrainerCallback):
-    """Prompt-level strict accuracy on a fixed subset of the held-out split every `every` optimizer steps."""
-
-    def __init__(self, tokenizer, dataset, every: int, max_new_tokens: int, total_steps: int, step_offset: int = 0):
-        self.tokenizer, self.dataset, self.every, self.total_steps = tokenizer, dataset, every, total_steps
-        self.max_new_tokens, self.step_offset = max_new_tokens, step_offset
-        self.points: list[tuple[int, float]] = []
-        self.seconds = 0.0
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        step = state.global_step + self.step_offset  # offset: the GRPO stage of sft_then_grpo
-        if self.every > 0 and step % self.every == 0 and step < self.total_steps:
-            start = time.perf_counter()
-            results = evaluate_ifeval(
-                model, self.tokenizer, self.dataset, max_new_tokens=self.max_new_tokens,
-                batch_size=len(self.dataset), show_progress=False,
-            )  # fmt: skip
-            self.points.append((step, results["prompt_level_strict_acc"]))
-            self.seconds += time.perf_counter() - start
-
-
 def _quiet(trainer):
     """Drop the PrinterCallback that `disable_tqdm=True` installs (it prints every log dict)."""
     from transformers.trainer_callback import PrinterCallback
@@ -127,7 +117,7 @@ def _quiet(trainer):
     return trainer
 
 
-def _common_args(settings: dict[str, Any], output_dir: str, seed: int, steps: int) -> dict[str, Any]:
+def _common_args(settings: dict[str, Any], output_dir: str, seed: int, steps: int, learning_rate: float) -> dict:
     return dict(
         output_dir=output_dir,
         use_cpu=True,
@@ -135,7 +125,7 @@ def _common_args(settings: dict[str, Any], output_dir: str, seed: int, steps: in
         gradient_checkpointing=False,
         report_to="none",
         max_steps=steps,
-        learning_rate=settings["learning_rate"],
+        learning_rate=learning_rate,
         lr_scheduler_type="linear",
         logging_steps=1,
         save_strategy="no",
@@ -161,12 +151,39 @@ def demonstrations_per_step(settings: dict[str, Any]) -> int:
     return min(max(round(0.5 * prompts), 1), prompts - 1)
 
 
-def train_sft(model_path, tokenizer, demonstrations, settings, output_dir, seed, steps, callbacks):
+def budget(method: str, settings: dict[str, Any]) -> dict[str, int]:
+    """Optimizer steps, demonstrations seen, SFT phase shape and sampled completions of one run of `method`."""
+    steps, per_step = settings["steps"], demonstrations_per_step(settings)
+    batch = settings["per_device_train_batch_size"]
+    kind = protocol.method_kind(method)
+    if kind == "sft":
+        return {"optimizer_steps": steps, "demonstrations_seen": steps * per_step, "samples": 0}
+    if kind == "grpo":
+        return {"optimizer_steps": steps, "demonstrations_seen": 0, "samples": steps * batch}
+    if kind == "sft_then_grpo":
+        # The SFT phase is shorter, so it takes more demonstrations per step: equal demonstrations seen in total.
+        sft_steps = min(max(1, round(settings["sft_fraction"] * steps)), steps - 1)
+        sft_batch = math.ceil(steps * per_step / sft_steps)
+        return {
+            "optimizer_steps": steps,
+            "sft_steps": sft_steps,
+            "sft_batch": sft_batch,
+            "demonstrations_seen": sft_steps * sft_batch,
+            "samples": (steps - sft_steps) * batch,
+        }
+    if kind in ("uniapl", "uniapl_no_disc"):
+        return {"optimizer_steps": steps, "demonstrations_seen": steps * per_step, "samples": steps * batch}
+    if kind == "uniapl_no_sft":
+        return {"optimizer_steps": steps, "demonstrations_seen": 0, "samples": steps * batch}
+    raise ValueError(f"Unknown method {method!r}.")
+
+
+def train_sft(model_path, tokenizer, demonstrations, settings, output_dir, seed, steps, learning_rate, batch_size):
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
-        **_common_args(settings, output_dir, seed, steps),
-        per_device_train_batch_size=demonstrations_per_step(settings),
+        **_common_args(settings, output_dir, seed, steps, learning_rate),
+        per_device_train_batch_size=batch_size,
         max_length=1024,
         completion_only_loss=True,
         packing=False,
@@ -174,153 +191,192 @@ def train_sft(model_path, tokenizer, demonstrations, settings, output_dir, seed,
     trainer = SFTTrainer(
         model=model_path,
         args=args,
-        train_dataset=demonstrations.select_columns(["prompt", "completion"]),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        train_dataset=demonstrations.select_columns(["prompt", "completion"]),
     )
     _quiet(trainer).train()
     return trainer
 
 
-def train_grpo(model_path, tokenizer, prompts, settings, output_dir, seed, steps, callbacks):
+def train_grpo(model_path, tokenizer, prompts, settings, output_dir, seed, steps, learning_rate):
     from trl import GRPOConfig, GRPOTrainer
 
-    args = GRPOConfig(**_common_args(settings, output_dir, seed, steps), **_grpo_args(settings))
+    args = GRPOConfig(**_common_args(settings, output_dir, seed, steps, learning_rate), **_grpo_args(settings))
     trainer = GRPOTrainer(
         model=model_path,
-        reward_funcs=[ifeval_dense_reward],
+        reward_funcs=[REWARDS[settings["reward"]]],
         args=args,
         train_dataset=prompts,
         processing_class=tokenizer,
-        callbacks=callbacks,
     )
     _quiet(trainer).train()
     return trainer
 
 
-def train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, steps, callbacks, **overrides):
+def train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, steps, **overrides):
     from trl_uniapl import UniAPLConfig, UniAPLTrainer
 
     config = dict(
         sft_coef=settings["sft_coef"],
         adversarial_coef=settings["adversarial_coef"],
+        adversarial_coef_mode=settings["adversarial_coef_mode"],
         discriminator_learning_rate=settings["discriminator_learning_rate"],
         discriminator_type=settings["discriminator_type"],
     )
     config.update(overrides)
-    args = UniAPLConfig(**_common_args(settings, output_dir, seed, steps), **_grpo_args(settings), **config)
+    args = UniAPLConfig(
+        **_common_args(settings, output_dir, seed, steps, settings["learning_rate"]), **_grpo_args(settings), **config
+    )
     trainer = UniAPLTrainer(
         model=model_path,
-        reward_funcs=[ifeval_dense_reward],
+        reward_funcs=[REWARDS[settings["reward"]]],
         args=args,
         train_dataset=splits["preference"],
         demonstration_dataset=splits["demonstrations"],
         processing_class=tokenizer,
-        callbacks=callbacks,
     )
     _quiet(trainer).train()
     return trainer
 
 
+# Training logs kept per step: the evidence the issue asks for (tied groups, discriminator accuracy, r_adv, λ).
+HISTORY_PREFIXES = (
+    "loss",
+    "reward",
+    "rewards/",
+    "frac_reward_zero_std",
+    "sft/",
+    "expert/",
+    "discriminator/",
+    "adversarial/",
+    "completions/mean_length",
+    "step_time",
+    "learning_rate",
+)
+
+
 def _history(trainer, step_offset: int = 0) -> list[dict[str, float]]:
-    keep = ("loss", "reward", "rewards/ifeval_dense_reward/mean", "frac_reward_zero_std", "sft/loss", "expert/logp",
-            "discriminator/acc_real", "discriminator/acc_fake", "discriminator/js_estimate", "adversarial/reward_mean",
-            "completions/mean_length", "step_time")  # fmt: skip
     rows = []
     for entry in trainer.state.log_history:
         if "step" in entry and "loss" in entry:
-            row = {key: float(entry[key]) for key in keep if key in entry}
+            row = {
+                key: float(value)
+                for key, value in entry.items()
+                if key.startswith(HISTORY_PREFIXES) and isinstance(value, (int, float))
+            }
             row["step"] = entry["step"] + step_offset
             rows.append(row)
     return rows
 
 
-def run_method(method, model_path, tokenizer, splits, curve_set, settings, seed, work_dir):
-    """Train one method for `settings["steps"]` optimizer steps; return the trained model, logs and timings."""
-    steps = settings["steps"]
+def run_method(method, model_path, tokenizer, splits, settings, seed, work_dir):
+    """Train one method for `settings["steps"]` optimizer steps; return the trained model, logs and seconds."""
+    from datasets import concatenate_datasets
+
+    steps, kind, shape = settings["steps"], protocol.method_kind(method), budget(method, settings)
     output_dir = os.path.join(work_dir, f"{method}-seed{seed}")
-    curve = HeldOutCurve(tokenizer, curve_set, settings["curve_every"], settings["eval_max_new_tokens"], steps)
     grpo_prompts = concatenate_datasets(
         [
             splits["preference"],
             splits["demonstrations"].remove_columns("completion").cast(splits["preference"].features),
         ]
     )
+    lr = settings["learning_rate"]
     start = time.perf_counter()
-    history: list[dict[str, float]] = []
-    if method == "sft":
+    if kind == "sft":
         trainer = train_sft(
-            model_path, tokenizer, splits["demonstrations"], settings, output_dir, seed, steps, [curve]
+            model_path,
+            tokenizer,
+            splits["demonstrations"],
+            settings,
+            output_dir,
+            seed,
+            steps,
+            lr,
+            demonstrations_per_step(settings),
         )
         history = _history(trainer)
-    elif method == "grpo":
-        trainer = train_grpo(model_path, tokenizer, grpo_prompts, settings, output_dir, seed, steps, [curve])
+    elif kind == "grpo":
+        trainer = train_grpo(model_path, tokenizer, grpo_prompts, settings, output_dir, seed, steps, lr)
         history = _history(trainer)
-    elif method == "sft_then_grpo":
-        sft_steps = max(1, round(settings["sft_fraction"] * steps))
-        first = train_sft(model_path, tokenizer, splits["demonstrations"], settings, output_dir + "-sft", seed,
-                          sft_steps, [curve])  # fmt: skip
+    elif kind == "sft_then_grpo":
+        sft_steps = shape["sft_steps"]
+        first = train_sft(
+            model_path,
+            tokenizer,
+            splits["demonstrations"],
+            settings,
+            output_dir + "-sft",
+            seed,
+            sft_steps,
+            settings["sft_learning_rate"],
+            shape["sft_batch"],
+        )
         history = _history(first)
         stage_dir = output_dir + "-sft-model"
         first.save_model(stage_dir)
         tokenizer.save_pretrained(stage_dir)
         del first
-        curve.step_offset = sft_steps
-        trainer = train_grpo(
-            stage_dir, tokenizer, grpo_prompts, settings, output_dir, seed, steps - sft_steps, [curve]
-        )
+        trainer = train_grpo(stage_dir, tokenizer, grpo_prompts, settings, output_dir, seed, steps - sft_steps, lr)
         history += _history(trainer, step_offset=sft_steps)
-    elif method == "uniapl":
-        trainer = train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, steps, [curve])
+    elif kind == "uniapl":
+        trainer = train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, steps)
         history = _history(trainer)
-    elif method == "uniapl_no_disc":
-        trainer = train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, steps, [curve],
-                               adversarial_coef=0.0)  # fmt: skip
+    elif kind == "uniapl_no_disc":
+        trainer = train_uniapl(
+            model_path,
+            tokenizer,
+            splits,
+            settings,
+            output_dir,
+            seed,
+            steps,
+            adversarial_coef=0.0,
+            adversarial_coef_mode="fixed",
+        )
         history = _history(trainer)
-    elif method == "uniapl_no_sft":
-        trainer = train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, steps, [curve],
-                               sft_coef=0.0)  # fmt: skip
+    elif kind == "uniapl_no_sft":
+        trainer = train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, steps, sft_coef=0.0)
         history = _history(trainer)
     else:
         raise ValueError(f"Unknown method {method!r}; choose from {METHODS}.")
-    train_seconds = time.perf_counter() - start - curve.seconds
+    train_seconds = time.perf_counter() - start
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return model, history, curve.points, train_seconds, curve.seconds
+    return model, history, train_seconds
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------------
 def evaluate(model, tokenizer, eval_set, settings) -> dict[str, Any]:
+    """The project's evaluation (greedy `evaluate_ifeval`, `expert_logprob`) plus the per-prompt records."""
+    from trl_uniapl.ifeval.evaluation import evaluate_ifeval, expert_logprob
+
     start = time.perf_counter()
     results = evaluate_ifeval(
         model, tokenizer, eval_set, max_new_tokens=settings["eval_max_new_tokens"], batch_size=200, show_progress=False
     )
     prompts = eval_set["prompt"]
     expert = expert_logprob(model, tokenizer, prompts, eval_set["expert_completion"], batch_size=100)
-    own = expert_logprob(model, tokenizer, prompts, results["responses"], batch_size=100)
-    summary = {key: results[key] for key in METRICS}
-    summary.update(
+    metrics = {key: results[key] for key in METRICS}
+    metrics.update(
         topic_accuracy=results["topic_accuracy"],
-        ifeval_only_prompt_level_strict_acc=results["ifeval_only"]["prompt_level_strict_acc"],
         unrequested_effect_rate_mean=results["unrequested_effect_rate_mean"],
         unrequested_effect_rate=results["unrequested_effect_rate"],
         mean_response_tokens=results["mean_response_tokens"],
         length_wasserstein_to_expert=results["length_wasserstein_to_expert"],
         expert_logp=float(np.mean(expert)),
-        policy_logp=float(np.mean(own)),
         prompt_level_strict_acc_by_group=results.get("prompt_level_strict_acc_by_group"),
-        eval_seconds=time.perf_counter() - start,
     )
-    distributions = {
-        "response_lengths": results["response_lengths"],
-        "expert_lengths": results["expert_response_lengths"],
-        "expert_logp": expert,
-        "policy_logp": own,
+    per_prompt = per_prompt_records(
+        list(eval_set), results["responses"], results["response_lengths"], results["expert_response_lengths"], expert
+    )
+    return {
+        "metrics": metrics,
+        "per_prompt": per_prompt,
         "sample_responses": results["responses"][:5],
-        "prompt_level_strict": results["prompt_level_strict"],
+        "eval_seconds": time.perf_counter() - start,
     }
-    return summary, distributions
 
 
 def score_constant_reply(eval_set, reply: str = CONSTANT_REPLY) -> dict[str, Any]:
@@ -336,367 +392,244 @@ def score_constant_reply(eval_set, reply: str = CONSTANT_REPLY) -> dict[str, Any
         )
         strict.append(check_response(reply, **arguments).results)
         loose.append(check_response(reply, loose=True, **arguments).results)
-    metrics = _ifeval_metrics(strict, loose)
-    metrics["reply"] = reply
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Reporting
-# ---------------------------------------------------------------------------------------------------------------------
-SUMMARY_KEYS = (*METRICS, "topic_accuracy", "unrequested_effect_rate_mean", "expert_logp", "policy_logp",
-                "mean_response_tokens", "length_wasserstein_to_expert", "train_seconds")  # fmt: skip
-
-
-def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
-    table: dict[str, dict[str, dict[str, float]]] = {}
-    for method in dict.fromkeys(run["method"] for run in runs):
-        method_runs = [run for run in runs if run["method"] == method]
-        table[method] = {}
-        for key in SUMMARY_KEYS:
-            values = [run["metrics"][key] if key in run["metrics"] else run[key] for run in method_runs]
-            values = [v for v in values if v is not None]
-            table[method][key] = {
-                "mean": float(np.mean(values)) if values else math.nan,
-                "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                "n": len(values),
-            }
-    return table
-
-
-PERCENT_KEYS = ("topic_accuracy", "unrequested_effect_rate_mean")
-
-
-def _fmt(stat: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
-    if stat["n"] > 1:
-        return f"{stat['mean'] * scale:.{digits}f} ± {stat['std'] * scale:.{digits}f}"
-    return f"{stat['mean'] * scale:.{digits}f}"
-
-
-def markdown(report: dict[str, Any]) -> str:
-    table, settings = report["summary"], report["settings"]
-    lines = [
-        f"Held-out split: {settings['num_eval']} prompts; {settings['steps']} optimizer steps per method; seeds "
-        f"{report['seeds']}; mean ± std over seeds (sample std). Accuracies in %.",
-        "",
-        "| method | seeds | prompt strict | inst strict | prompt loose | inst loose | topic | unrequested effects | "
-        "expert log-prob | length W1 to expert | mean tokens | train s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for method, stats in table.items():
-        lines.append(
-            f"| {method} | {stats['prompt_level_strict_acc']['n']} | {_fmt(stats['prompt_level_strict_acc'], 100)}"
-            f" | {_fmt(stats['inst_level_strict_acc'], 100)}"
-            f" | {_fmt(stats['prompt_level_loose_acc'], 100)} | {_fmt(stats['inst_level_loose_acc'], 100)}"
-            f" | {_fmt(stats['topic_accuracy'], 100)} | {_fmt(stats['unrequested_effect_rate_mean'], 100)}"
-            f" | {_fmt(stats['expert_logp'], 1, 3)} | {_fmt(stats['length_wasserstein_to_expert'], 1, 2)}"
-            f" | {_fmt(stats['mean_response_tokens'], 1, 1)} | {_fmt(stats['train_seconds'], 1, 0)} |"
-        )
-    for name, key in (("student (untrained)", "initial"), ("constant reply", "constant_reply")):
-        ref = report[key]
-        lines.append(
-            f"| *{name}* | – | {ref['prompt_level_strict_acc'] * 100:.1f} | "
-            f"{ref['inst_level_strict_acc'] * 100:.1f} | "
-            f"{ref['prompt_level_loose_acc'] * 100:.1f} | {ref['inst_level_loose_acc'] * 100:.1f} | "
-            + " | ".join(
-                (f"{ref[k] * 100:.1f}" if k in PERCENT_KEYS else f"{ref[k]:.3g}")
-                if isinstance(ref.get(k), float)
-                else "–"
-                for k in (
-                    "topic_accuracy",
-                    "unrequested_effect_rate_mean",
-                    "expert_logp",
-                    "length_wasserstein_to_expert",
-                    "mean_response_tokens",
-                )  # fmt: skip
-            )
-            + " | – |"
-        )
-    if report.get("merged_from"):
-        walls = ", ".join(f"{part['wall_seconds']:.0f}" for part in report["merged_from"])
-        lines += ["", f"Wall-clock: {len(report['merged_from'])} processes run side by side ({walls} s)."]
-    else:
-        lines += ["", f"Total wall-clock: {report['wall_seconds']:.0f} s."]
-    return "\n".join(lines) + "\n"
-
-
-def plots(report: dict[str, Any], output_dir: str) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    runs, methods = report["runs"], list(report["summary"])
-    colors = {method: f"C{i}" for i, method in enumerate(methods)}
-
-    def save(fig, name: str, dpi: int = 110) -> None:
-        fig.tight_layout()
-        paths.append(os.path.join(output_dir, name))
-        fig.savefig(paths[-1], dpi=dpi)
-        plt.close(fig)
-
-    # Accuracy per method with the seed spread.
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for i, method in enumerate(methods):
-        values = [run["metrics"]["prompt_level_strict_acc"] * 100 for run in runs if run["method"] == method]
-        ax.bar(i, np.mean(values), color=colors[method], alpha=0.6)
-        ax.scatter([i] * len(values), values, color="k", s=12, zorder=3)
-    ax.axhline(report["initial"]["prompt_level_strict_acc"] * 100, color="gray", ls="--", label="untrained student")
-    ax.axhline(report["constant_reply"]["prompt_level_strict_acc"] * 100, color="red", ls=":", label="constant reply")
-    ax.set_xticks(range(len(methods)), methods, rotation=20)
-    ax.set_ylabel("held-out prompt-level strict acc (%)")
-    ax.legend(fontsize=8)
-    save(fig, "quality_accuracy.png")
-
-    # Accuracy against step (held-out subset) and training reward against step.
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method in methods:
-        for j, run in enumerate(r for r in runs if r["method"] == method):
-            points = (
-                [(0, report["initial_curve"])] + run["curve"] + [(report["settings"]["steps"], run["curve_final"])]
-            )
-            axes[0].plot(*zip(*points), color=colors[method], alpha=0.7, label=method if j == 0 else None)
-            rewards = [(h["step"], h["rewards/ifeval_dense_reward/mean"]) for h in run["history"]
-                       if "rewards/ifeval_dense_reward/mean" in h]  # fmt: skip
-            if rewards:
-                axes[1].plot(*zip(*rewards), color=colors[method], alpha=0.5, label=method if j == 0 else None)
-    axes[0].set_title(f"held-out prompt strict acc ({report['settings']['curve_prompts']}-prompt subset)")
-    axes[1].set_title("training reward (ifeval_dense, sampled completions)")
-    for ax in axes:
-        ax.set_xlabel("optimizer step")
-        ax.legend(fontsize=7)
-    save(fig, "quality_curves.png")
-
-    # Length and log-prob distributions, policy vs expert (first seed of each method).
-    first_seed = report["seeds"][0]
-    dists = {run["method"]: run["distributions"] for run in runs if run["seed"] == first_seed}
-    fig, axes = plt.subplots(2, len(methods), figsize=(3.2 * len(methods), 6), squeeze=False)
-    for i, method in enumerate(methods):
-        d = dists[method]
-        top, bottom = axes[0][i], axes[1][i]
-        bins = np.arange(0, report["settings"]["eval_max_new_tokens"] + 4, 4)
-        top.hist(d["expert_lengths"], bins=bins, alpha=0.5, color="k", label="expert")
-        top.hist(d["response_lengths"], bins=bins, alpha=0.5, color=colors[method], label="policy")
-        top.set_title(f"{method}: length (tokens)", fontsize=9)
-        bottom.hist(d["expert_logp"], bins=30, alpha=0.5, color="k", label="expert completions")
-        bottom.hist(d["policy_logp"], bins=30, alpha=0.5, color=colors[method], label="policy's own greedy")
-        bottom.set_title("mean token log-prob under policy", fontsize=9)
-        if i == 0:
-            top.legend(fontsize=7)
-            bottom.legend(fontsize=7)
-    save(fig, "quality_distributions.png", dpi=100)
-    return paths
-
-
-def merge(directories: list[str], output_dir: str) -> dict[str, Any]:
-    """Combine reports of the same settings on different seeds: runs are concatenated, the summary recomputed."""
-    reports = []
-    for directory in directories:
-        with open(os.path.join(directory, "quality.json")) as f:
-            reports.append(json.load(f))
-    first = reports[0]
-    for other in reports[1:]:
-        if other["settings"] != first["settings"] or other["data_seed"] != first["data_seed"]:
-            raise ValueError("Only reports with identical settings and data_seed can be merged.")
-    runs = [run for report in reports for run in report["runs"]]
-    order = {method: i for i, method in enumerate(METHODS)}
-    runs.sort(key=lambda run: (run["seed"], order[run["method"]]))
-    report = dict(first)
-    report.update(
-        runs=runs,
-        seeds=sorted({run["seed"] for run in runs}),
-        summary=aggregate(runs),
-        merged_from=[
-            {"command": r["command"], "wall_seconds": r["wall_seconds"], "machine": r["machine"]} for r in reports
-        ],  # fmt: skip
-        wall_seconds=max(r["wall_seconds"] for r in reports),
-        command=" && ".join(r["command"] for r in reports) + " && python benchmarks/quality.py --merge ...",
-    )
-    os.makedirs(output_dir, exist_ok=True)
-    report["plots"] = [os.path.basename(p) for p in plots(report, output_dir)]
-    with open(os.path.join(output_dir, "quality.json"), "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    with open(os.path.join(output_dir, "quality.md"), "w") as f:
-        f.write(markdown(report))
-    print(markdown(report))
-    return report
-
-
-def _without_options(argv: list[str], options: dict[str, int]) -> list[str]:
-    """`argv` without the given options and their values (`{"--seeds": -1}`: every value up to the next option)."""
-    kept, skip = [], 0
-    for index, item in enumerate(argv):
-        if skip:
-            skip -= 1
-            continue
-        if item.split("=", 1)[0] in options:
-            count = options[item.split("=", 1)[0]]
-            if "=" not in item:
-                rest = argv[index + 1 :]
-                skip = next((i for i, x in enumerate(rest) if x.startswith("--")), len(rest)) if count < 0 else count
-            continue
-        kept.append(item)
-    return kept
-
-
-def run_seeds_in_parallel(argv: list[str], seeds: list[int], jobs: int, output_dir: str) -> dict[str, Any]:
-    """One subprocess per seed (at most `jobs` at a time, CPU threads shared out), then `merge` into `output_dir`."""
-    base = _without_options(argv, {"--seeds": -1, "--jobs": 1, "--output_dir": 1})
-    threads = max(1, (os.cpu_count() or 1) // jobs)
-    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    directories = [os.path.join(output_dir, f"seed{seed}") for seed in seeds]
-    pending = list(zip(seeds, directories))
-    running: list[tuple[int, subprocess.Popen, Any]] = []
-    failed = []
-    while pending or running:
-        while pending and len(running) < jobs:
-            seed, directory = pending.pop(0)
-            os.makedirs(directory, exist_ok=True)
-            log = open(os.path.join(directory, "log.txt"), "w")
-            script = os.path.abspath(__file__)
-            command = [sys.executable, script, *base, "--seeds", str(seed), "--output_dir", directory]
-            print(f"seed {seed}: {' '.join(command[1:])} (log: {log.name})", flush=True)
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
-            running.append((seed, process, log))
-        time.sleep(5)
-        for entry in list(running):
-            seed, process, log = entry
-            if process.poll() is not None:
-                running.remove(entry)
-                log.close()
-                print(f"seed {seed}: finished with exit code {process.returncode}", flush=True)
-                if process.returncode != 0:
-                    failed.append(seed)
-    if failed:
-        raise RuntimeError(f"Seeds {failed} failed; see log.txt in their folders under {output_dir}.")
-    return merge(directories, output_dir)
+    return {**_ifeval_metrics(strict, loose), "reply": reply}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------------
+def regime_settings(args) -> dict[str, Any]:
+    settings = dict(QUICK if args.quick else FULL)
+    regime = args.base if args.regime == "lambda_sweep" else args.regime
+    settings.update(protocol.REGIMES[regime])
+    apply_overrides(settings, args.set)
+    if args.steps is not None:
+        settings["steps"] = args.steps
+    return settings
+
+
+def regime_dir(args) -> str:
+    name = f"lambda_sweep-{args.base}" if args.regime == "lambda_sweep" else args.regime
+    return os.path.join(args.output_dir, name + ("-quick" if args.quick else ""))
+
+
+def regime_grid(args, settings) -> dict[str, list[dict[str, Any]]]:
+    if args.regime == "lambda_sweep":
+        base = os.path.join(args.output_dir, args.base + ("-quick" if args.quick else ""))
+        selection_path = protocol.RunStore(base).selection_path
+        selection = protocol.read_json(selection_path) if os.path.exists(selection_path) else {}
+        if "uniapl" not in selection:
+            raise SystemExit(
+                f"--regime lambda_sweep --base {args.base} starts from UniAPL's configuration selected on "
+                f"validation in {base}: run `--regime {args.base} --phase grid` first."
+            )
+        base_settings = protocol.read_json(os.path.join(base, "settings.json"))
+        if base_settings != settings:
+            raise SystemExit(f"The base regime in {base} ran with other settings; use the same --steps/--set.")
+        return protocol.sweep_grids(selection)
+    grid = protocol.grids()
+    return {method: grid[method] for method in args.methods}
+
+
+def _without_options(argv: list[str], options: dict[str, int]) -> list[str]:
+    """`argv` without the given options and their values (`{"--jobs": 1}`: the option and one value)."""
+    kept, skip = [], 0
+    for item in argv:
+        if skip:
+            skip -= 1
+            continue
+        name = item.split("=", 1)[0]
+        if name in options:
+            skip = 0 if "=" in item else options[name]
+            continue
+        kept.append(item)
+    return kept
+
+
+def run_in_processes(argv: list[str], args, store: protocol.RunStore, grid, grid_seeds) -> None:
+    """`--jobs N`: N worker processes for the grid, the selection, then N workers for the test runs.
+
+    Each worker takes every N-th run of the phase (`run_protocol(shard=...)`) with `cpu_count // N` threads: the
+    student is so small that one process leaves cores idle between its many small operations (the earlier protocol ran
+    its seeds as three single-thread processes). Logs go to `<regime>/logs/`; a failed worker leaves its finished runs
+    on disk.
+    """
+    base = _without_options(argv, {"--jobs": 1, "--phase": 1, "--shard": 1})
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    os.makedirs(os.path.join(store.root, "logs"), exist_ok=True)
+    for phase in {"all": ("grid", "test"), "grid": ("grid",), "test": ("test",)}[args.phase]:
+        workers = []
+        for index in range(args.jobs):
+            log = open(os.path.join(store.root, "logs", f"{phase}-shard{index}.txt"), "a")
+            command = [sys.executable, os.path.abspath(__file__), *base, "--phase", phase, "--shard",
+                       f"{index}/{args.jobs}"]  # fmt: skip
+            print(f"{phase} shard {index}/{args.jobs}: log {log.name}", flush=True)
+            workers.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment), log))
+        failed = []
+        for index, (process, log) in enumerate(workers):
+            process.wait()
+            log.close()
+            if process.returncode != 0:
+                failed.append(index)
+        if failed:
+            raise RuntimeError(
+                f"{phase} shards {failed} failed (logs in {store.root}/logs); the finished runs are on disk: rerun "
+                f"the same command to continue."
+            )
+        if phase == "grid":  # the grid shards each saw only part of the grid: select once all are finished
+            selection = protocol.select(protocol.load_grid_runs(store, grid, grid_seeds), grid)
+            protocol.write_json(store.selection_path, selection)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--regime", default="default", choices=[*protocol.REGIMES, "lambda_sweep"])
+    parser.add_argument(
+        "--base",
+        default="default",
+        choices=list(protocol.REGIMES),
+        help="Regime of --regime lambda_sweep (its grid phase must be finished).",
+    )
     parser.add_argument("--quick", action="store_true", help="Tiny settings (a few minutes): checks the pipeline.")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="Training seeds (default 0 1 2; quick 0).")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    parser.add_argument("--output_dir", default="benchmarks/results/quality")
-    parser.add_argument("--data_seed", type=int, default=0, help="Seed of the task splits (same for every method).")
-    parser.add_argument("--student_fast", action="store_true", help="Use the much smaller test student.")
-    parser.add_argument("--student_cache", default=None, help="Cache dir of the student (default $TRL_UNIAPL_CACHE).")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override a setting, e.g. steps=60.")
+    parser.add_argument("--seeds", type=int, default=None, help="Test seeds per selected configuration (default 5).")
+    parser.add_argument("--grid_seeds", type=int, default=1, help="Seeds per grid point on validation (default 1).")
+    parser.add_argument("--steps", type=int, default=None, help="Optimizer steps per run (the budget knob).")
+    parser.add_argument(
+        "--phase",
+        default="all",
+        choices=("all", "grid", "test"),
+        help="'grid': stop after the selection; 'test': only the test runs (the grid must be finished).",
+    )
     parser.add_argument(
         "--jobs",
         type=int,
         default=1,
-        help="Run the seeds in this many processes side by side (each with its share of the CPU threads), then merge "
-        "them into --output_dir. 1: one process, seeds in turn.",
+        help="Processes side by side, each with its share of the CPU threads and every n-th run of each phase (the "
+        "grid, then the test runs); 1: one process, runs in turn.",
     )
+    parser.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/n": set by --jobs for its workers
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--output_dir", default="benchmarks/results/quality_protocol", help="Parent of the regimes.")
     parser.add_argument(
+        "--report",
         "--merge",
-        nargs="+",
-        default=None,
-        metavar="DIR",
-        help="Merge the quality.json of runs made with the same settings on other seeds (e.g. in parallel processes) "
-        "into --output_dir, instead of training.",
+        dest="report",
+        action="store_true",
+        help="Only build quality.json/.md (and the plot) from the finished runs; marks what is missing.",
     )
+    parser.add_argument("--data_seed", type=int, default=0, help="Seed of the task splits (same for every method).")
+    parser.add_argument("--num_bootstrap", type=int, default=1000)
+    parser.add_argument("--student_fast", action="store_true", help="Use the much smaller test student.")
+    parser.add_argument("--student_cache", default=None, help="Cache dir of the student (default $TRL_UNIAPL_CACHE).")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="Override a setting, e.g. steps=60.")
     args = parser.parse_args(argv)
-    if args.merge:
-        return merge(args.merge, args.output_dir)
+    seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 5)))
+    grid_seeds = list(range(args.grid_seeds))
+    settings = regime_settings(args)
+    settings["data_seed"] = args.data_seed
+    store = protocol.RunStore(regime_dir(args))
+    grid = regime_grid(args, settings)
+    extra = {
+        "regime": args.regime,
+        "base": args.base if args.regime == "lambda_sweep" else None,
+        "settings": settings,
+        "grid_size": protocol.GRID_SIZE,
+    }
+    reference_path = os.path.join(store.root, "reference.json")
+    if args.report:
+        if os.path.exists(reference_path):
+            extra["reference"] = protocol.read_json(reference_path)
+        return protocol.report(store, grid, grid_seeds, seeds, extra, args.num_bootstrap)
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}.")
-    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
-    if args.jobs > 1 and len(seeds) > 1:
-        return run_seeds_in_parallel(argv if argv is not None else sys.argv[1:], seeds, args.jobs, args.output_dir)
+    store.check_settings(settings)
+    if args.jobs > 1:
+        run_in_processes(argv if argv is not None else sys.argv[1:], args, store, grid, grid_seeds)
+        if os.path.exists(reference_path):
+            extra["reference"] = protocol.read_json(reference_path)
+        out = protocol.report(store, grid, grid_seeds, seeds, extra, args.num_bootstrap)
+        print(protocol.markdown(out))
+        return out
+    shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else (0, 1)
+    if (
+        args.regime == "lambda_sweep" and shard[0] == 0
+    ):  # the reference configuration's runs already exist in the base regime
+        base = protocol.RunStore(os.path.join(args.output_dir, args.base + ("-quick" if args.quick else "")))
+        copied = protocol.reuse_runs(base, store, "uniapl", grid["uniapl"][0], grid_seeds, seeds)
+        print(f"reused {copied} finished UniAPL runs of {base.root}", flush=True)
 
-    settings = dict(QUICK if args.quick else FULL)
-    apply_overrides(settings, args.set)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trl_uniapl.demo import student as student_lib
 
     quiet_libraries()
-    os.makedirs(args.output_dir, exist_ok=True)
     wall_start = time.perf_counter()
-
     model_path = student_lib.build_student(cache_dir=args.student_cache, fast=args.student_fast, show_progress=False)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    splits = task.make_splits(seed=args.data_seed, num_demonstrations=settings["num_demonstrations"],
-                              num_preference=settings["num_preference"], num_eval=settings["num_eval"])  # fmt: skip
-    eval_set = splits["eval"]
-    curve_set = eval_set.select(range(min(settings["curve_prompts"], len(eval_set))))
+    splits = protocol.make_protocol_splits(
+        args.data_seed,
+        settings["num_demonstrations"],
+        settings["num_preference"],
+        settings["num_validation"],
+        settings["num_test"],
+    )
 
-    initial_model = AutoModelForCausalLM.from_pretrained(model_path)
-    initial, initial_distributions = evaluate(initial_model, tokenizer, eval_set, settings)
-    # The curve subset is the first `curve_prompts` held-out rows: its end points come from the full evaluation.
-    initial_curve = float(np.mean(initial_distributions["prompt_level_strict"][: len(curve_set)]))
-    del initial_model
-    constant = score_constant_reply(eval_set)
-    print(f"untrained student: prompt strict {initial['prompt_level_strict_acc']:.3f}; constant reply "
-          f"{constant['prompt_level_strict_acc']:.3f}", flush=True)  # fmt: skip
-
-    runs = []
-
-    def build_report(*_):
-        report = {
-            "benchmark": "quality",
-            "command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else os.sys.argv[1:]),
-            "quick": args.quick,
-            "seeds": seeds,
-            "data_seed": args.data_seed,
-            "student": {"path": model_path, "fast": args.student_fast},
-            "settings": settings,
-            "demonstrations_per_step": demonstrations_per_step(settings),
-            "method_notes": {
-                "sft": "TRL SFTTrainer, completion-only NLL, demonstrations_per_step demonstrations per step",
-                "grpo": "TRL GRPOTrainer, ifeval_dense_reward, preference + demonstration prompts",
-                "sft_then_grpo": "SFTTrainer for sft_fraction*steps, then GRPOTrainer for the rest (each its own "
-                "linear decay)",
-                "uniapl": "UniAPLTrainer, SFT term + discriminator (gail reward, bce loss), demonstration_ratio 0.5",
-                "uniapl_no_disc": "UniAPLTrainer with adversarial_coef=0",
-                "uniapl_no_sft": "UniAPLTrainer with sft_coef=0",
-            },
-            "machine": machine(),
-            "initial": initial,
-            "initial_curve": initial_curve,
-            "constant_reply": constant,
-            "runs": runs,
-            "summary": aggregate(runs),
+    if not os.path.exists(reference_path) and shard[0] == 0:  # the untrained student and a constant reply
+        initial = AutoModelForCausalLM.from_pretrained(model_path)
+        reference = {
+            split: {
+                "student": evaluate(initial, tokenizer, splits[split], settings)["metrics"],
+                "constant_reply": score_constant_reply(splits[split]),
+            }
+            for split in ("validation", "test")
         }
-        report["wall_seconds"] = time.perf_counter() - wall_start
-        report["machine"]["loadavg_end"] = os.getloadavg()
-        report["plots"] = [os.path.basename(p) for p in plots(report, args.output_dir)]
-        with open(os.path.join(args.output_dir, "quality.json"), "w") as f:
-            json.dump(report, f, indent=1, default=float)
-        with open(os.path.join(args.output_dir, "quality.md"), "w") as f:
-            f.write(markdown(report))
-        return report
+        protocol.write_json(reference_path, {**reference, "machine": machine(), "student": model_path})
+        del initial
 
-    work_dir = tempfile.mkdtemp(prefix="uniapl-quality-")
-    try:
-        for seed in seeds:
-            for method in args.methods:
-                torch.manual_seed(seed)
-                model, history, curve, train_seconds, curve_seconds = run_method(
-                    method, model_path, tokenizer, splits, curve_set, settings, seed, work_dir
-                )
-                metrics, distributions = evaluate(model, tokenizer, eval_set, settings)
-                curve_final = float(np.mean(distributions["prompt_level_strict"][: len(curve_set)]))
-                runs.append(dict(method=method, seed=seed, metrics=metrics, train_seconds=train_seconds,
-                                 curve_seconds=curve_seconds, curve=curve, curve_final=curve_final,
-                                 history=history, distributions=distributions))  # fmt: skip
-                print(f"[{time.perf_counter() - wall_start:6.0f}s] {method:15s} seed {seed}: prompt strict "
-                      f"{metrics['prompt_level_strict_acc']:.3f}  inst strict {metrics['inst_level_strict_acc']:.3f}  "
-                      f"expert logp {metrics['expert_logp']:.3f}  W1 {metrics['length_wasserstein_to_expert']:.2f}  "
-                      f"train {train_seconds:.0f}s", flush=True)  # fmt: skip
-                build_report()  # partial results survive an interrupted run
-                del model
-                shutil.rmtree(os.path.join(work_dir), ignore_errors=True)
-                os.makedirs(work_dir, exist_ok=True)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
+    def train_and_evaluate(method: str, config: dict[str, Any], seed: int, split: str) -> dict[str, Any]:
+        run_settings = {**settings, **config}
+        work_dir = tempfile.mkdtemp(prefix="uniapl-quality-")
+        try:
+            torch.manual_seed(seed)
+            model, history, train_seconds = run_method(
+                method, model_path, tokenizer, splits, run_settings, seed, work_dir
+            )
+            evaluation = evaluate(model, tokenizer, splits[split], run_settings)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        m = evaluation["metrics"]
+        print(
+            f"[{time.perf_counter() - wall_start:6.0f}s] {method} {protocol.config_id(config)} seed {seed} on "
+            f"{split}: prompt strict {m['prompt_level_strict_acc']:.3f} inst {m['inst_level_strict_acc']:.3f} "
+            f"W1 {m['length_wasserstein_to_expert']:.2f} train {train_seconds:.0f}s",
+            flush=True,
+        )
+        return {
+            **evaluation,
+            "history": history,
+            "train_seconds": train_seconds,
+            "budget": budget(method, run_settings),
+            "machine_load": os.getloadavg(),
+        }
 
-    report = build_report()
-    print(markdown(report))
-    return report
+    protocol.run_protocol(
+        store,
+        grid,
+        train_and_evaluate,
+        grid_seeds,
+        seeds,
+        phase=args.phase,
+        log=lambda line: print(line, flush=True),
+        shard=shard,
+    )
+    if args.shard:  # a worker of --jobs: the parent reports once every shard has finished
+        return {}
+    extra["reference"] = protocol.read_json(reference_path)
+    out = protocol.report(store, grid, grid_seeds, seeds, extra, args.num_bootstrap)
+    print(protocol.markdown(out))
+    return out
 
 
 if __name__ == "__main__":

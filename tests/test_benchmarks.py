@@ -3,8 +3,10 @@
 import importlib.util
 import json
 import os
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +15,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def load(name: str):
+    sys.path.insert(0, str(BENCHMARKS))  # the benchmarks import their sibling modules by name
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -24,86 +27,306 @@ def student_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("student-cache"))
 
 
-@pytest.mark.slow
-def test_quality_quick_end_to_end(tmp_path, student_cache):
-    quality = load("quality")
-    output_dir = tmp_path / "quality"
-    argv = ["--quick", "--student_fast", "--student_cache", student_cache, "--output_dir", str(output_dir),
-            "--set", "steps=2", "num_eval=12", "curve_every=1", "curve_prompts=4", "eval_max_new_tokens=16",
-            "max_completion_length=12", "num_demonstrations=16", "num_preference=16"]  # fmt: skip
-    report = quality.main(argv)
+# ---------------------------------------------------------------------------------------------------------------------
+# Quality protocol: splits, grids, selection, resume, bootstrap (no training: a fake run function)
+# ---------------------------------------------------------------------------------------------------------------------
+def test_validation_split_is_disjoint_from_test_and_training_with_both_held_out_groups():
+    protocol = load("quality_protocol")
+    from trl_uniapl.ifeval import task
 
-    for name in ("quality.json", "quality.md", "quality_accuracy.png", "quality_curves.png",
-                 "quality_distributions.png"):  # fmt: skip
-        assert (output_dir / name).is_file() and (output_dir / name).stat().st_size > 0, name
-    saved = json.loads((output_dir / "quality.json").read_text())
-    assert saved["settings"]["steps"] == 2 and saved["seeds"] == [0]
-    assert {run["method"] for run in saved["runs"]} == set(quality.METHODS)
-    for run in saved["runs"]:
-        for key in (*quality.METRICS, "topic_accuracy", "unrequested_effect_rate_mean", "expert_logp",
-                    "length_wasserstein_to_expert", "mean_response_tokens"):  # fmt: skip
-            assert key in run["metrics"], (run["method"], key)
-        assert 0.0 <= run["metrics"]["prompt_level_strict_acc"] <= 1.0
+    splits = protocol.make_protocol_splits(0, num_demonstrations=32, num_preference=32, num_validation=150,
+                                           num_test=150)  # fmt: skip
+    texts = {name: [m[0]["content"] for m in splits[name]["prompt"]] for name in splits}
+    for name, prompts in texts.items():
+        assert len(set(prompts)) == len(prompts), name
+    names = list(texts)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not set(texts[a]) & set(texts[b]), (a, b)
+    for name in ("validation", "test"):
+        assert len(splits[name]) == 150
+        assert any(splits[name]["unseen_topic"]) and any(splits[name]["unseen_combination"]), name
+        assert not all(splits[name]["unseen_topic"]) and not all(splits[name]["unseen_combination"]), name
+    # The test split is the held-out split make_splits has always returned (same seed and sizes), training unchanged.
+    plain = task.make_splits(seed=0, num_demonstrations=32, num_preference=32, num_eval=150)
+    assert splits["test"]["prompt"] == plain["eval"]["prompt"]
+    assert splits["demonstrations"]["prompt"] == plain["demonstrations"]["prompt"]
+    assert splits["preference"]["prompt"] == plain["preference"]["prompt"]
+
+
+def test_scarce_regime_fits_the_prompts_make_splits_can_draw():
+    protocol = load("quality_protocol")
+    scarce = protocol.REGIMES["scarce"]
+    assert 32 <= scarce["num_demonstrations"] <= 64 and scarce["num_preference"] >= 1024
+    available = protocol.count_training_prompts()
+    assert available > scarce["num_demonstrations"] + scarce["num_preference"]
+
+
+def test_every_method_gets_a_grid_of_the_same_size_over_its_range_and_the_same_budget():
+    protocol, quality = load("quality_protocol"), load("quality")
+    grids = protocol.grids()
+    assert set(grids) == set(quality.METHODS)
+    assert {len(configs) for configs in grids.values()} == {protocol.GRID_SIZE}
+    for method, configs in grids.items():
+        assert len({protocol.config_id(c) for c in configs}) == len(configs), method
+    for method in ("grpo", "uniapl_no_sft", "sft_then_grpo"):  # RL learning rates (the GRPO phase for sft_then_grpo)
+        rates = [c["learning_rate"] for c in grids[method]]
+        assert 1e-4 <= min(rates) and max(rates) <= 1e-3 and len(set(rates)) > 1, method
+    assert len({c["sft_learning_rate"] for c in grids["sft_then_grpo"]}) > 1  # one learning rate per phase
+    assert len({c["adversarial_coef"] for c in grids["uniapl"]}) > 1
+    assert len({c["learning_rate"] for c in grids["uniapl"]}) > 1
+    assert all("adversarial_coef" not in c for m in ("uniapl_no_disc", "uniapl_no_sft") for c in grids[m])
+
+    for settings in (quality.FULL, quality.QUICK):
+        assert settings["num_generations"] == 8
+        budgets = {m: quality.budget(m, settings) for m in quality.METHODS}
+        assert {b["optimizer_steps"] for b in budgets.values()} == {settings["steps"]}
+        seen = {budgets[m]["demonstrations_seen"] for m in ("sft", "sft_then_grpo", "uniapl", "uniapl_no_disc")}
+        assert seen == {settings["steps"] * quality.demonstrations_per_step(settings)}
+        assert budgets["grpo"]["samples"] == budgets["uniapl"]["samples"] == budgets["uniapl_no_sft"]["samples"]
+        assert budgets["uniapl"]["samples"] == settings["steps"] * settings["per_device_train_batch_size"]
+
+
+def _toy_per_prompt(score: float, num_prompts: int = 20, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    passed = (rng.random(num_prompts) < score).astype(int).tolist()
+    return {"prompt_strict": passed, "inst_followed": [p + 1 for p in passed], "inst_total": [2] * num_prompts,
+            "on_topic": [1] * num_prompts, "effects": [[0, -1]] * num_prompts,
+            "response_length": [10] * num_prompts, "expert_length": [12] * num_prompts,
+            "expert_logp": [-2.0] * num_prompts}  # fmt: skip
+
+
+class FakeRuns:
+    """A stand-in for training: validation scores peak at one grid point, test scores rank the points the other way.
+
+    It fails the test if it is asked for a test run before `selection.json` holds that very configuration.
+    """
+
+    def __init__(self, protocol, store, validation_best: dict[str, int], fail_at: int | None = None):
+        self.protocol, self.store, self.best, self.fail_at = protocol, store, validation_best, fail_at
+        self.calls: list[tuple] = []
+
+    def __call__(self, method, config, seed, split):
+        if self.fail_at is not None and len(self.calls) + 1 == self.fail_at:
+            raise KeyboardInterrupt("session ended")
+        self.calls.append((method, self.protocol.config_id(config), seed, split))
+        index = [self.protocol.config_id(c) for c in self.protocol.grids()[method]].index(
+            self.protocol.config_id(config)
+        )
+        if split == "test":
+            selection = self.protocol.read_json(self.store.selection_path)
+            assert selection[method]["config"] == config, "test run before (or without) the validation selection"
+            score = 0.9 - 0.2 * (index == self.best[method])  # the validation winner is the worst on test
+        else:
+            score = 0.8 if index == self.best[method] else 0.1 + 0.05 * index
+        return {"metrics": {"prompt_level_strict_acc": score}, "per_prompt": _toy_per_prompt(score, seed=seed),
+                "train_seconds": 1.0, "budget": {"samples": 0}}  # fmt: skip
+
+
+def test_selection_uses_validation_only_and_precedes_every_test_run(tmp_path):
+    protocol = load("quality_protocol")
+    grids = protocol.grids()
+    best = {method: (i * 3 + 1) % protocol.GRID_SIZE for i, method in enumerate(grids)}
+    store = protocol.RunStore(str(tmp_path))
+    fake = FakeRuns(protocol, store, best)
+    selection = protocol.run_protocol(store, grids, fake, grid_seeds=[0], seeds=[0, 1], log=lambda _: None)
+
+    for method, configs in grids.items():
+        assert selection[method]["config"] == configs[best[method]], method
+    splits = [call[3] for call in fake.calls]
+    assert splits == ["validation"] * (len(grids) * protocol.GRID_SIZE) + ["test"] * (len(grids) * 2)
+    # `select` refuses records that were not scored on validation.
+    with pytest.raises(ValueError, match="validation"):
+        protocol.select({"sft": {protocol.config_id(grids["sft"][0]): [{"split": "test", "metrics": {}}]}},
+                        {"sft": grids["sft"][:1]})  # fmt: skip
+
+
+def test_resume_skips_finished_runs_and_report_marks_pending_cells(tmp_path):
+    protocol = load("quality_protocol")
+    grids = {m: c for m, c in protocol.grids().items() if m in ("sft", "uniapl")}
+    best = {"sft": 0, "uniapl": 2}
+    store = protocol.RunStore(str(tmp_path))
+    total = sum(len(c) for c in grids.values()) + 2 * len(grids)
+
+    # A session killed during its 6th run: the 5 finished runs are on disk, the report marks what is missing.
+    with pytest.raises(KeyboardInterrupt):
+        protocol.run_protocol(
+            store, grids, FakeRuns(protocol, store, best, fail_at=6), [0], [0, 1], log=lambda _: None
+        )
+    assert len(list((tmp_path / "runs").rglob("*.json"))) == 5
+    partial = protocol.report(store, grids, [0], [0, 1], num_bootstrap=20)
+    assert not partial["complete"] and "*pending*" in (tmp_path / "quality.md").read_text()
+    assert partial["results"]["uniapl"]["finished_seeds"] == []
+
+    resumed = FakeRuns(protocol, store, best)
+    protocol.run_protocol(store, grids, resumed, [0], [0, 1], log=lambda _: None)
+    assert len(resumed.calls) == total - 5
+    assert resumed.calls[0] == ("uniapl", protocol.config_id(grids["uniapl"][1]), 0, "validation")
+
+    again = FakeRuns(protocol, store, best)
+    protocol.run_protocol(store, grids, again, [0], [0, 1], log=lambda _: None)
+    assert again.calls == []
+    os.remove(store.test_path("sft", 1))
+    again = FakeRuns(protocol, store, best)
+    protocol.run_protocol(store, grids, again, [0], [0, 1], log=lambda _: None)
+    assert again.calls == [("sft", protocol.config_id(grids["sft"][0]), 1, "test")]
+
+    full = protocol.report(store, grids, [0], [0, 1], num_bootstrap=20)
+    assert full["complete"] and "*pending*" not in (tmp_path / "quality.md").read_text()
+    assert full["results"]["sft"]["paired_seeds"] == [0, 1]
+    # Runs made with other settings are never mixed into a folder.
+    store.check_settings({"steps": 10})
+    with pytest.raises(ValueError, match="other settings"):
+        store.check_settings({"steps": 20})
+
+
+def test_shards_split_each_phase_into_disjoint_parts_that_cover_it(tmp_path):
+    protocol = load("quality_protocol")
+    grids = {m: c for m, c in protocol.grids().items() if m in ("sft", "grpo", "uniapl")}
+    best = {"sft": 1, "grpo": 3, "uniapl": 0}
+    store = protocol.RunStore(str(tmp_path))
+    calls = []
+    for phase in ("grid", "test"):  # as --jobs runs them: every grid shard, then every test shard
+        for index in range(3):
+            fake = FakeRuns(protocol, store, best)
+            protocol.run_protocol(store, grids, fake, [0], [0, 1], phase=phase, shard=(index, 3), log=lambda _: None)
+            assert all(call[3] == ("validation" if phase == "grid" else "test") for call in fake.calls)
+            calls += fake.calls
+        if phase == "grid":  # what --jobs does once every grid shard has finished
+            selection = protocol.select(protocol.load_grid_runs(store, grids, [0]), grids)
+            protocol.write_json(store.selection_path, selection)
+    assert len(calls) == len(set(calls)) == 3 * protocol.GRID_SIZE + 3 * 2
+    assert {(m, c) for m, c, _, split in calls if split == "test"} == {
+        (m, protocol.config_id(grids[m][best[m]])) for m in grids
+    }
+
+
+def test_bootstrap_ci_over_seeds_and_prompts_on_toy_input():
+    stats = load("quality_stats")
+    n = 400
+    constant = {**_toy_per_prompt(1.0, n), "prompt_strict": [1] * n}
+    out = stats.bootstrap([constant, constant], num_samples=200)
+    assert out["prompt_level_strict_acc"] == {"mean": 1.0, "low": 1.0, "high": 1.0, "n_seeds": 2, "n_prompts": n}
+    assert out["inst_level_strict_acc"]["mean"] == pytest.approx(1.0)
+    assert out["length_wasserstein_to_expert"]["mean"] == pytest.approx(2.0)
+    assert out["unrequested_effect_rate_mean"]["mean"] == 0.0
+
+    # Bernoulli(0.3) prompts: the 95% interval holds 0.3 and has about the binomial width (3 seeds x 400 prompts;
+    # resampling prompts shared across seeds gives about 2 x 1.96 x sqrt(0.21 / 400) = 0.09).
+    runs = [_toy_per_prompt(0.3, n, seed=s) for s in range(3)]
+    ci = stats.bootstrap(runs, num_samples=1000)["prompt_level_strict_acc"]
+    assert ci["low"] < 0.3 < ci["high"] and 0.04 < ci["high"] - ci["low"] < 0.15
+    assert ci["mean"] == pytest.approx(np.mean([np.mean(r["prompt_strict"]) for r in runs]))
+
+    # Seeds are resampled too: two seeds that score every prompt alike (0 and 1) leave prompt resampling no
+    # variance, yet the interval spans both.
+    zero, one = {**constant, "prompt_strict": [0] * n}, constant
+    ci = stats.bootstrap([zero, one], num_samples=400)["prompt_level_strict_acc"]
+    assert ci["mean"] == 0.5 and ci["low"] == 0.0 and ci["high"] == 1.0
+
+    # Paired differences: identical runs give exactly 0; a run that passes 40 more prompts than its pair gives +0.1
+    # (the number of those 40 in a resample of 400 has a standard deviation of 6: about ±0.03).
+    paired = stats.bootstrap(runs, baseline=runs, num_samples=200)["prompt_level_strict_acc"]
+    assert paired["mean"] == paired["low"] == paired["high"] == 0.0
+    better = [{**r, "prompt_strict": [1] * 40 + r["prompt_strict"][40:]} for r in runs]
+    shift = [{**r, "prompt_strict": [0] * 40 + r["prompt_strict"][40:]} for r in runs]
+    diff = stats.bootstrap(better, baseline=shift, num_samples=500)["prompt_level_strict_acc"]
+    assert diff["mean"] == pytest.approx(0.1) and 0.06 < diff["low"] < 0.1 < diff["high"] < 0.14
+
+
+@pytest.mark.slow
+def test_quality_quick_end_to_end_resumes_and_reports(tmp_path, student_cache):
+    quality, stats = load("quality"), load("quality_stats")
+    argv = ["--quick", "--student_fast", "--student_cache", student_cache, "--output_dir", str(tmp_path),
+            "--num_bootstrap", "50", "--set", "num_validation=12", "num_test=12", "eval_max_new_tokens=12",
+            "max_completion_length=12"]  # fmt: skip
+    out = quality.main(argv)
+    root = tmp_path / "default-quick"
+    for name in (
+        "quality.json",
+        "quality.md",
+        "selection.json",
+        "settings.json",
+        "reference.json",
+        "quality_accuracy.png",
+    ):
+        assert (root / name).is_file(), name
+    assert out["complete"] and set(out["results"]) == set(quality.METHODS)
+    runs = sorted((root / "runs").rglob("*.json"))
+    assert len(runs) == len(quality.METHODS) * (4 + 1)
+    for path in runs:
+        run = json.loads(path.read_text())
+        assert run["split"] == ("validation" if "grid" in path.parts else "test")
         assert run["train_seconds"] > 0 and len(run["history"]) >= 1
-    assert set(saved["summary"]) == set(quality.METHODS)
-    assert saved["summary"]["uniapl"]["prompt_level_strict_acc"]["n"] == 1
-    assert "prompt_level_strict_acc" in saved["constant_reply"] and "prompt_level_strict_acc" in saved["initial"]
-    table = (output_dir / "quality.md").read_text()
-    assert all(f"| {method} |" in table for method in quality.METHODS) and "constant reply" in table
-    assert report["summary"] == saved["summary"]
+        assert run["budget"]["optimizer_steps"] == 2
+        # The bootstrap's per-prompt recomputation gives exactly evaluate_ifeval's and expert_logprob's numbers.
+        recomputed = stats.metric_values(stats._as_arrays(run["per_prompt"]))
+        for key in stats.REPORT_METRICS:
+            assert recomputed[key] == pytest.approx(run["metrics"][key], abs=1e-9), (path.name, key)
+    table = (root / "quality.md").read_text()
+    assert all(f"| {method} |" in table for method in quality.METHODS) and "Paired differences" in table
+    assert "untrained student" in table and "frac_reward_zero_std" in table
+    assert "minus_reference" in out["results"]["sft"] and "minus_reference" not in out["results"]["uniapl"]
 
-    # Seeds run in separate processes merge into one report.
-    merged = quality.main(["--merge", str(output_dir), str(output_dir), "--output_dir", str(tmp_path / "merged")])
-    assert merged["summary"]["uniapl"]["prompt_level_strict_acc"]["n"] == 2
-    assert (tmp_path / "merged" / "quality_accuracy.png").is_file()
+    # Rerunning the command trains nothing.
+    mtimes = {path: path.stat().st_mtime_ns for path in runs}
+    quality.main(argv)
+    assert {path: path.stat().st_mtime_ns for path in runs} == mtimes
 
 
 @pytest.mark.slow
-def test_quality_seeds_in_parallel_processes_merge(tmp_path, student_cache):
+def test_quality_jobs_run_shards_in_processes_and_report(tmp_path, student_cache):
     quality = load("quality")
-    output_dir = tmp_path / "parallel"
-    argv = ["--quick", "--student_fast", "--student_cache", student_cache, "--methods", "sft", "--seeds", "0", "1",
-            "--jobs", "2", "--output_dir", str(output_dir), "--set", "steps=2", "num_eval=8", "curve_every=0",
-            "eval_max_new_tokens=8", "num_demonstrations=16", "num_preference=16"]  # fmt: skip
-    report = quality.main(argv)
-
-    assert report["seeds"] == [0, 1] and report["summary"]["sft"]["prompt_level_strict_acc"]["n"] == 2
-    assert len(report["merged_from"]) == 2
-    for seed in (0, 1):
-        part = json.loads((output_dir / f"seed{seed}" / "quality.json").read_text())
-        assert part["seeds"] == [seed] and part["settings"]["steps"] == 2
-        assert "--jobs" not in part["command"]
-    assert json.loads((output_dir / "quality.json").read_text())["seeds"] == [0, 1]
+    argv = ["--quick", "--student_fast", "--student_cache", student_cache, "--output_dir", str(tmp_path),
+            "--methods", "sft", "--jobs", "2", "--num_bootstrap", "20", "--set", "num_validation=8", "num_test=8",
+            "eval_max_new_tokens=8"]  # fmt: skip
+    out = quality.main(argv)
+    root = tmp_path / "default-quick"
+    assert out["complete"] and out["results"]["sft"]["finished_seeds"] == [0]
+    assert len(list((root / "runs" / "grid" / "sft").glob("*.json"))) == 4
+    assert sorted(p.name for p in (root / "logs").iterdir()) == [f"{phase}-shard{i}.txt" for phase in ("grid", "test")
+                                                                  for i in (0, 1)]  # fmt: skip
+    assert json.loads((root / "selection.json").read_text())["sft"]["config_id"]
 
 
-def test_quality_rejects_zero_jobs():
+def test_quality_rejects_zero_jobs(tmp_path):
     with pytest.raises(ValueError, match="--jobs must be >= 1"):
-        load("quality").main(["--quick", "--jobs", "0"])
+        load("quality").main(["--quick", "--output_dir", str(tmp_path), "--jobs", "0"])
 
 
-@pytest.mark.slow
-def test_speed_smallest_setting(tmp_path, student_cache):
-    speed = load("speed")
-    output_dir = tmp_path / "speed"
-    argv = ["--smallest", "--student_cache", student_cache, "--output_dir", str(output_dir), "--no_memory"]
-    report = speed.main(argv)
+def test_lambda_sweep_starts_from_the_base_regimes_validation_selection(tmp_path):
+    protocol, quality = load("quality_protocol"), load("quality")
+    argv = ["--regime", "lambda_sweep", "--base", "scarce", "--output_dir", str(tmp_path), "--report"]
+    with pytest.raises(SystemExit, match="--regime scarce --phase grid"):
+        quality.main(argv)
 
-    saved = json.loads((output_dir / "speed.json").read_text())
-    assert (output_dir / "speed.md").is_file()
-    assert set(saved["summary"]) == set(speed.KINDS)
-    length = saved["settings"]["completion_length"]
-    for kind in ("grpo", "uniapl", "uniapl_no_disc"):
-        # Every completion has exactly `completion_length` tokens: the ratio compares equal generation work.
-        assert saved["summary"][kind]["completion_lengths_seen"] == [float(length)], kind
-        assert set(saved["summary"][kind]["breakdown_median_seconds"]) == set(speed.PARTS)
-    breakdown = saved["summary"]["uniapl"]["breakdown_median_seconds"]
-    assert breakdown["generation"] > 0 and breakdown["discriminator_update"] > 0
-    assert breakdown["discriminator_scoring"] > 0 and breakdown["sft_forward"] > 0
-    ratios = saved["ratios"]
-    for key in ("uniapl_over_grpo_step_time", "uniapl_over_grpo_memory", "uniapl_over_grpo_plus_sft_step_time"):
-        assert key in ratios
-    assert ratios["uniapl_over_grpo_step_time"]["median"] > 0
-    assert report["ratios"] == saved["ratios"]
+    selected = {"learning_rate": 0.004, "adversarial_coef": 0.5}
+    sweep = protocol.sweep_grids({"uniapl": {"config": selected}})
+    assert sweep["uniapl"] == [selected] and {len(configs) for configs in sweep.values()} == {1}
+    lambdas = sorted(c[0]["adversarial_coef"] for m, c in sweep.items() if m != "uniapl_lagrangian")
+    assert lambdas == sorted({*protocol.SWEEP_LAMBDAS, 0.5})
+    assert sweep["uniapl_lagrangian"][0]["adversarial_coef_mode"] == "lagrangian"
+    assert all(c[0]["learning_rate"] == 0.004 for c in sweep.values())
+    assert all(quality.budget(m, quality.FULL) == quality.budget("uniapl", quality.FULL) for m in sweep)
+
+    # The reference configuration's runs are copied from the base regime, not trained again; other configs are not.
+    source, target = protocol.RunStore(str(tmp_path / "a")), protocol.RunStore(str(tmp_path / "b"))
+    for seed in (0, 1):
+        protocol.write_json(source.test_path("uniapl", seed), {"config": selected, "seed": seed})
+    protocol.write_json(source.grid_path("uniapl", selected, 0), {"config": selected, "seed": 0})
+    assert protocol.reuse_runs(source, target, "uniapl", selected, [0], [0, 1, 2]) == 3
+    assert protocol.read_json(target.test_path("uniapl", 1))["seed"] == 1
+    assert not os.path.exists(target.test_path("uniapl", 2))
+    other = protocol.RunStore(str(tmp_path / "c"))
+    assert protocol.reuse_runs(source, other, "uniapl", {**selected, "adversarial_coef": 0.1}, [0], [0, 1]) == 0
+
+    # With the base regime's selection and settings on disk, the sweep's report lists every variant as pending.
+    base = protocol.RunStore(str(tmp_path / "scarce"))
+    settings = {**quality.FULL, **protocol.REGIMES["scarce"], "data_seed": 0}
+    base.check_settings(settings)
+    protocol.write_json(base.selection_path, {"uniapl": {"config": selected}})
+    out = quality.main(argv)
+    assert set(out["results"]) == set(sweep) and not out["complete"]
 
 
 @pytest.mark.slow

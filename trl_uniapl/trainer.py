@@ -41,7 +41,6 @@ from .streams import MixedRepeatSampler, demonstrations_per_batch, merge_streams
 logger = logging.getLogger(__name__)
 
 DISCRIMINATOR_DIR = "discriminator"
-UNIAPL_STATE_NAME = "uniapl_state.json"
 
 UNIAPL_PAPER = {
     "title": "UniAPL: A Unified Adversarial Preference Learning Framework for Instruct-Following",

@@ -13,8 +13,8 @@ Timings come from wrappers installed on the trainer instances from the outside (
 
 - `generation`: `_generate` (the sampling call);
 - `task_reward`: the IFEval reward function;
-- `discriminator_update` / `discriminator_scoring`: `Discriminator.update` / `Discriminator.score` (both run inside the
-  adversarial reward function), `adversarial_other`: the rest of that reward function (encoding, bookkeeping);
+- `discriminator_update` / `discriminator_scoring`: `Discriminator.update` / `Discriminator.score` (both run inside
+  `UniAPLTrainer._adversarial_advantages`), `adversarial_other`: the rest of it (encoding, A_adv, bookkeeping);
 - `policy_loss_forward`: GRPO's `_compute_loss` (forward of the policy-gradient loss);
 - `sft_forward`: UniAPL's `_sft_loss` (forward of the expert NLL);
 - `backward_and_rest`: `training_step` minus generation, rewards and the two forwards (mostly the one backward of
@@ -214,7 +214,9 @@ def instrument(trainer, kind: str, timers: Timers) -> None:
     if getattr(trainer, "discriminator", None) is not None:
         timers.wrap(trainer.discriminator, "update", "discriminator_update")
         timers.wrap(trainer.discriminator, "score", "discriminator_scoring")
-        trainer.reward_funcs[-1] = _timed_function(trainer.reward_funcs[-1], timers, "adversarial_total")
+        # Everything the adversarial advantage costs (D update, scoring, encoding, A_adv): `adversarial_other` is the
+        # part outside the update and scoring passes.
+        timers.wrap(trainer, "_adversarial_advantages", "adversarial_total")
 
 
 def _timed_function(function, timers: Timers, key: str):

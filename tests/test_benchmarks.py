@@ -329,6 +329,31 @@ def test_lambda_sweep_starts_from_the_base_regimes_validation_selection(tmp_path
     assert set(out["results"]) == set(sweep) and not out["complete"]
 
 
+def test_speed_smallest_setting(tmp_path, student_cache):
+    speed = load("speed")
+    output_dir = tmp_path / "speed"
+    argv = ["--smallest", "--student_cache", student_cache, "--output_dir", str(output_dir), "--no_memory"]
+    report = speed.main(argv)
+
+    saved = json.loads((output_dir / "speed.json").read_text())
+    assert (output_dir / "speed.md").is_file()
+    assert set(saved["summary"]) == set(speed.KINDS)
+    length = saved["settings"]["completion_length"]
+    for kind in ("grpo", "uniapl", "uniapl_no_disc"):
+        # Every completion has exactly `completion_length` tokens: the ratio compares equal generation work.
+        assert saved["summary"][kind]["completion_lengths_seen"] == [float(length)], kind
+        assert set(saved["summary"][kind]["breakdown_median_seconds"]) == set(speed.PARTS)
+    breakdown = saved["summary"]["uniapl"]["breakdown_median_seconds"]
+    assert breakdown["generation"] > 0 and breakdown["discriminator_update"] > 0
+    assert breakdown["discriminator_scoring"] > 0 and breakdown["sft_forward"] > 0
+    assert breakdown["adversarial_other"] > 0  # encoding and A_adv, timed around `_adversarial_advantages`
+    ratios = saved["ratios"]
+    for key in ("uniapl_over_grpo_step_time", "uniapl_over_grpo_memory", "uniapl_over_grpo_plus_sft_step_time"):
+        assert key in ratios
+    assert ratios["uniapl_over_grpo_step_time"]["median"] > 0
+    assert report["ratios"] == saved["ratios"]
+
+
 @pytest.mark.slow
 def test_speed_gpu_mode_pipeline_on_cpu_with_tiny_shape(tmp_path):
     """`--gpu --shape tiny`: the GPU command's whole pipeline (model built locally with a vocabulary larger than the

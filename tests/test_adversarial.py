@@ -212,7 +212,7 @@ class GradientRecorder(TrainerCallback):
         start = (last_micro_step // window) * window
         parameters = [p for p in model.parameters() if p.requires_grad]
         nll, tokens = 0.0, 0
-        for micro_batch in trainer._sft_micro_batches[start : start + window]:
+        for micro_batch in trainer._sft_micro_batches["train"][start : start + window]:
             if micro_batch["input_ids"].shape[0] == 0:
                 continue
             logits = model(input_ids=micro_batch["input_ids"], attention_mask=micro_batch["attention_mask"]).logits
@@ -271,7 +271,7 @@ def test_sft_coef_zero_runs_no_expert_forward(tmp_path, tiny_model_path, prefere
 
     trainer._sft_loss = forbidden
     trainer.train()
-    assert trainer._sft_micro_batches == []
+    assert trainer._sft_micro_batches == {"train": [], "eval": []}
     assert trainer._discriminator_state["num_updates"] == 1  # the discriminator still trains
 
 
@@ -404,3 +404,31 @@ def test_an_unknown_trl_hook_signature_fails_at_import_with_the_supported_range(
     with pytest.raises(ImportError, match=r"GRPOTrainer\._generate\(self, prompts, images\).*'trl>=1\.16,<1\.17'"):
         check_trl_compatibility(ChangedTrainer)
     check_trl_compatibility(GRPOTrainer)
+
+
+def test_evaluation_between_two_steps_of_one_generation_keeps_its_demonstrations(
+    tmp_path, tiny_model_path, preference_dataset, demonstration_dataset
+):
+    """With steps_per_generation=2 one generation batch feeds two optimizer steps; an evaluation between them must not
+    replace the second step's share of the demonstrations (TRL keeps the policy's rows of that batch buffered too)."""
+    trainer = UniAPLTrainer(
+        model=tiny_model_path,
+        reward_funcs=length_reward,
+        args=uniapl_args(
+            tmp_path,
+            max_steps=2,
+            steps_per_generation=2,
+            per_device_train_batch_size=4,
+            eval_strategy="steps",
+            eval_steps=1,
+            per_device_eval_batch_size=8,
+        ),  # fmt: skip
+        train_dataset=preference_dataset,
+        demonstration_dataset=demonstration_dataset,
+        eval_dataset=demonstration_dataset,
+    )
+    trainer.train()
+    logs = step_logs(trainer)
+    assert len(logs) == 2 and all(math.isfinite(entry["sft/loss"]) for entry in logs)
+    assert len(trainer._sft_micro_batches["train"]) == 2 and len(trainer._sft_micro_batches["eval"]) == 1
+    assert all(math.isfinite(entry["eval_sft/loss"]) for entry in trainer.state.log_history if "eval_loss" in entry)

@@ -228,7 +228,9 @@ class UniAPLTrainer(GRPOTrainer):
         self._has_demonstrations = streams.has_demonstrations
         self._demonstrations_in_train_dataset = demonstrations_in_train_dataset
         self._batch = GenerationBatch()
-        self._sft_micro_batches: list[dict[str, torch.Tensor]] = []
+        # Per mode: an evaluation between two optimizer steps of one generation batch must not replace its training
+        # micro-batches, which TRL keeps buffered (the policy's rows are buffered the same way).
+        self._sft_micro_batches: dict[str, list[dict[str, torch.Tensor]]] = {"train": [], "eval": []}
         self.discriminator: Discriminator | None = None
         self.adversarial_coef = args.adversarial_coef  # λ; moves in "lagrangian" mode
         self._discriminator_state = {
@@ -424,7 +426,7 @@ class UniAPLTrainer(GRPOTrainer):
                 output["advantages"] = output["advantages"] + applied_coef * adversarial_advantages
             self._metrics[mode]["adversarial/coef"].append(applied_coef)
         if self.args.sft_coef > 0:
-            self._sft_micro_batches = self._build_sft_micro_batches(mode)
+            self._sft_micro_batches[mode] = self._build_sft_micro_batches(mode)
         return output
 
     def _is_carrier(self, row: int, num_rows: int, mode: str) -> bool:
@@ -552,7 +554,7 @@ class UniAPLTrainer(GRPOTrainer):
         if sft_coef == 0:  # the same on every process, so ZeRO-3/FSDP still see the same forward passes
             return loss
         micro_step = self._step % self.args.steps_per_generation if mode == "train" else 0
-        return loss + sft_coef * self._sft_loss(model, self._sft_micro_batches[micro_step], mode)
+        return loss + sft_coef * self._sft_loss(model, self._sft_micro_batches[mode][micro_step], mode)
 
     def sft_coef_at(self, step: int) -> float:
         """α(t): linear warm-up to `sft_coef`, then constant, linear or cosine decay to `sft_coef_final`."""

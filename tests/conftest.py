@@ -81,3 +81,20 @@ def uniapl_args(output_dir, **overrides):
     # No discriminator warm-up: the tests check the adversarial term from the first step.
     settings = {**CPU_GRPO_SETTINGS, "discriminator_learning_rate": 1e-2, "discriminator_warmup_steps": 0, **overrides}
     return UniAPLConfig(output_dir=str(output_dir), **settings)
+
+
+def build_uniapl(output_dir, model_path, train, demonstrations=None, reward=length_reward, **trainer_kwargs):
+    """A UniAPLTrainer on the shared CPU settings: `trainer_kwargs` that are UniAPLTrainer arguments (e.g.
+    `peft_config`, `discriminator`) go to the trainer, the rest override `uniapl_args`."""
+    from trl_uniapl import UniAPLTrainer
+
+    trainer_arguments = ("peft_config", "discriminator", "eval_dataset", "quantization_config")
+    extra = {name: trainer_kwargs.pop(name) for name in trainer_arguments if name in trainer_kwargs}
+    return UniAPLTrainer(
+        model=model_path,
+        reward_funcs=reward,
+        args=uniapl_args(output_dir, **trainer_kwargs),
+        train_dataset=train,
+        demonstration_dataset=demonstrations,
+        **extra,
+    )

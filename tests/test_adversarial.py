@@ -10,6 +10,7 @@ import os
 import pytest
 import torch
 from conftest import CPU_GRPO_SETTINGS, corpus, length_reward, make_completions, make_prompts, uniapl_args
+from conftest import build_uniapl as build
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
@@ -27,16 +28,6 @@ from trl_uniapl.trainer import COMPLETE_MARKER, DISCRIMINATOR_DIR, _named_reward
 
 def constant_reward(completions, **kwargs):
     return [1.0] * len(completions)
-
-
-def build(tmp_path, model_path, train, demonstrations, reward=length_reward, **config):
-    return UniAPLTrainer(
-        model=model_path,
-        reward_funcs=reward,
-        args=uniapl_args(tmp_path, **config),
-        train_dataset=train,
-        demonstration_dataset=demonstrations,
-    )
 
 
 def first_batch_advantages(trainer) -> torch.Tensor:
@@ -294,23 +285,9 @@ def test_discriminator_instance_with_another_tokenizer_is_refused(
     other = build_tiny_model(tmp_path / "other", corpus(), vocab_size=347)
     discriminator = AutoModelForSequenceClassification.from_pretrained(other, num_labels=1)
     with pytest.raises(ValueError, match="discriminator_processing_class"):
-        UniAPLTrainer(
-            model=tiny_model_path,
-            reward_funcs=length_reward,
-            args=uniapl_args(tmp_path),
-            train_dataset=preference_dataset,
-            demonstration_dataset=demonstration_dataset,
-            discriminator=discriminator,
-        )
+        build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, discriminator=discriminator)
     same = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
-    trainer = UniAPLTrainer(
-        model=tiny_model_path,
-        reward_funcs=length_reward,
-        args=uniapl_args(tmp_path),
-        train_dataset=preference_dataset,
-        demonstration_dataset=demonstration_dataset,
-        discriminator=same,
-    )
+    trainer = build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, discriminator=same)
     assert trainer.discriminator.uses_policy_tokens
 
 

@@ -8,6 +8,7 @@ saves as a loadable peft adapter and reloads exactly.
 import pytest
 import torch
 from conftest import CPU_GRPO_SETTINGS, length_reward, uniapl_args
+from conftest import build_uniapl as build
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
 
@@ -22,17 +23,6 @@ def lora(**overrides):
     return LoraConfig(**{**settings, **overrides})
 
 
-def build(tmp_path, model_path, train, demonstrations, peft_config=None, **config):
-    return UniAPLTrainer(
-        model=model_path,
-        reward_funcs=length_reward,
-        args=uniapl_args(tmp_path, **config),
-        train_dataset=train,
-        demonstration_dataset=demonstrations,
-        peft_config=peft_config,
-    )
-
-
 def snapshot(named_parameters) -> dict[str, torch.Tensor]:
     return {name: param.detach().clone() for name, param in named_parameters}
 
@@ -42,7 +32,7 @@ def test_default_discriminator_shares_the_policy_weights(
     tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, use_peft
 ):
     trainer = build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset,
-                    lora() if use_peft else None, max_steps=2)  # fmt: skip
+                    peft_config=lora() if use_peft else None, max_steps=2)  # fmt: skip
     discriminator = trainer.discriminator
     assert isinstance(discriminator, SharedDiscriminator) and isinstance(discriminator.model, SharedBackboneClassifier)
     policy = trainer.accelerator.unwrap_model(trainer.model)
@@ -136,7 +126,7 @@ def test_save_model_writes_a_loadable_adapter_and_head(
     tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, use_peft
 ):
     trainer = build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset,
-                    lora() if use_peft else None, max_steps=1)  # fmt: skip
+                    peft_config=lora() if use_peft else None, max_steps=1)  # fmt: skip
     trainer.train()
     trainer.save_model()
     discriminator = trainer.discriminator
@@ -153,7 +143,7 @@ def test_save_model_writes_a_loadable_adapter_and_head(
 
     # The trainer's loader restores the same weights into a fresh discriminator.
     fresh = build(tmp_path / "fresh", tiny_model_path, preference_dataset, demonstration_dataset,
-                  lora() if use_peft else None, max_steps=1)  # fmt: skip
+                  peft_config=lora() if use_peft else None, max_steps=1)  # fmt: skip
     fresh.discriminator.load_weights(str(saved))
     for name, param in fresh.discriminator.model.named_parameters():
         assert torch.equal(param, dict(discriminator.model.named_parameters())[name]), name

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from conftest import CPU_GRPO_SETTINGS, length_reward, make_completions, make_prompts, uniapl_args
+from conftest import build_uniapl as build
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer
@@ -30,16 +31,6 @@ UNIAPL_METRICS = [
     "rewards/adversarial/std",
     "completions/mean_length",
 ]
-
-
-def build(tmp_path, model_path, train, demonstrations=None, **config):
-    return UniAPLTrainer(
-        model=model_path,
-        reward_funcs=length_reward,
-        args=uniapl_args(tmp_path, **config),
-        train_dataset=train,
-        demonstration_dataset=demonstrations,
-    )
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ same command skips them, so a killed session loses at most the run in progress.
     python benchmarks/quality.py --regime scarce                   # 48 demonstrations, 1,024 prompts
     python benchmarks/quality.py --regime sparse                   # all-or-nothing IFEval reward
     python benchmarks/quality.py --regime lambda_sweep --base scarce   # λ values and the Lagrangian mode
+    python benchmarks/quality.py --regime discriminator_types --base default   # shared vs full-copy discriminator
     python benchmarks/quality.py --regime default --report         # quality.json/.md from what is finished
     python benchmarks/quality.py --regime default --jobs 2         # the runs in 2 processes side by side
     python benchmarks/quality.py --quick                           # a few minutes, pipeline check only
@@ -400,7 +401,7 @@ def score_constant_reply(eval_set, reply: str = CONSTANT_REPLY) -> dict[str, Any
 # ---------------------------------------------------------------------------------------------------------------------
 def regime_settings(args) -> dict[str, Any]:
     settings = dict(QUICK if args.quick else FULL)
-    regime = args.base if args.regime == "lambda_sweep" else args.regime
+    regime = args.base if args.regime in protocol.VARIANT_REGIMES else args.regime
     settings.update(protocol.REGIMES[regime])
     apply_overrides(settings, args.set)
     if args.steps is not None:
@@ -409,24 +410,24 @@ def regime_settings(args) -> dict[str, Any]:
 
 
 def regime_dir(args) -> str:
-    name = f"lambda_sweep-{args.base}" if args.regime == "lambda_sweep" else args.regime
+    name = f"{args.regime}-{args.base}" if args.regime in protocol.VARIANT_REGIMES else args.regime
     return os.path.join(args.output_dir, name + ("-quick" if args.quick else ""))
 
 
 def regime_grid(args, settings) -> dict[str, list[dict[str, Any]]]:
-    if args.regime == "lambda_sweep":
+    if args.regime in protocol.VARIANT_REGIMES:
         base = os.path.join(args.output_dir, args.base + ("-quick" if args.quick else ""))
         selection_path = protocol.RunStore(base).selection_path
         selection = protocol.read_json(selection_path) if os.path.exists(selection_path) else {}
         if "uniapl" not in selection:
             raise SystemExit(
-                f"--regime lambda_sweep --base {args.base} starts from UniAPL's configuration selected on "
+                f"--regime {args.regime} --base {args.base} starts from UniAPL's configuration selected on "
                 f"validation in {base}: run `--regime {args.base} --phase grid` first."
             )
         base_settings = protocol.read_json(os.path.join(base, "settings.json"))
         if base_settings != settings:
             raise SystemExit(f"The base regime in {base} ran with other settings; use the same --steps/--set.")
-        return protocol.sweep_grids(selection)
+        return protocol.VARIANT_REGIMES[args.regime](selection)
     grid = protocol.grids()
     return {method: grid[method] for method in args.methods}
 
@@ -484,12 +485,12 @@ def run_in_processes(argv: list[str], args, store: protocol.RunStore, grid, grid
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--regime", default="default", choices=[*protocol.REGIMES, "lambda_sweep"])
+    parser.add_argument("--regime", default="default", choices=[*protocol.REGIMES, *protocol.VARIANT_REGIMES])
     parser.add_argument(
         "--base",
         default="default",
         choices=list(protocol.REGIMES),
-        help="Regime of --regime lambda_sweep (its grid phase must be finished).",
+        help="Base regime of --regime lambda_sweep / discriminator_types (its grid phase must be finished).",
     )
     parser.add_argument("--quick", action="store_true", help="Tiny settings (a few minutes): checks the pipeline.")
     parser.add_argument("--seeds", type=int, default=None, help="Test seeds per selected configuration (default 5).")
@@ -532,7 +533,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     grid = regime_grid(args, settings)
     extra = {
         "regime": args.regime,
-        "base": args.base if args.regime == "lambda_sweep" else None,
+        "base": args.base if args.regime in protocol.VARIANT_REGIMES else None,
         "settings": settings,
         "grid_size": protocol.GRID_SIZE,
     }
@@ -553,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return out
     shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else (0, 1)
     if (
-        args.regime == "lambda_sweep" and shard[0] == 0
+        args.regime in protocol.VARIANT_REGIMES and shard[0] == 0
     ):  # the reference configuration's runs already exist in the base regime
         base = protocol.RunStore(os.path.join(args.output_dir, args.base + ("-quick" if args.quick else "")))
         copied = protocol.reuse_runs(base, store, "uniapl", grid["uniapl"][0], grid_seeds, seeds)

@@ -71,7 +71,10 @@ def test_every_method_gets_a_grid_of_the_same_size_over_its_range_and_the_same_b
         assert len({protocol.config_id(c) for c in configs}) == len(configs), method
     for method in ("grpo", "uniapl_no_sft", "sft_then_grpo"):  # RL learning rates (the GRPO phase for sft_then_grpo)
         rates = [c["learning_rate"] for c in grids[method]]
-        assert 1e-4 <= min(rates) and max(rates) <= 1e-3 and len(set(rates)) > 1, method
+        assert 1e-4 <= min(rates) and max(rates) <= 2e-3 and len(set(rates)) > 1, method
+    # The two-point grids sit inside their one-dimensional ranges.
+    assert min(protocol.SFT_LRS) < min(protocol.SFT_LRS_2) and max(protocol.SFT_LRS_2) < max(protocol.SFT_LRS)
+    assert min(protocol.RL_LRS) < min(protocol.RL_LRS_2) and max(protocol.RL_LRS_2) < max(protocol.RL_LRS)
     assert len({c["sft_learning_rate"] for c in grids["sft_then_grpo"]}) > 1  # one learning rate per phase
     assert len({c["adversarial_coef"] for c in grids["uniapl"]}) > 1
     assert len({c["learning_rate"] for c in grids["uniapl"]}) > 1
@@ -287,6 +290,33 @@ def test_quality_jobs_run_shards_in_processes_and_report(tmp_path, student_cache
     assert sorted(p.name for p in (root / "logs").iterdir()) == [f"{phase}-shard{i}.txt" for phase in ("grid", "test")
                                                                   for i in (0, 1)]  # fmt: skip
     assert json.loads((root / "selection.json").read_text())["sft"]["config_id"]
+
+
+def test_discriminator_types_compare_shared_and_full_copy_at_the_selected_configuration(tmp_path):
+    protocol, quality = load("quality_protocol"), load("quality")
+    argv = ["--regime", "discriminator_types", "--base", "default", "--output_dir", str(tmp_path), "--report"]
+    with pytest.raises(SystemExit, match="--regime default --phase grid"):
+        quality.main(argv)
+    selected = {"learning_rate": 0.0012, "adversarial_coef": 0.5}
+    variants = protocol.discriminator_grids({"uniapl": {"config": selected}})
+    assert variants == {"uniapl": [selected], "uniapl_full_copy": [{**selected, "discriminator_type": "full_copy"}]}
+    assert protocol.method_kind("uniapl_full_copy") == "uniapl"
+    assert quality.budget("uniapl_full_copy", quality.FULL) == quality.budget("uniapl", quality.FULL)
+
+
+def test_report_lists_an_earlier_grids_runs_without_selecting_them(tmp_path):
+    protocol = load("quality_protocol")
+    grids = {"sft": protocol.grids()["sft"]}
+    store = protocol.RunStore(str(tmp_path))
+    earlier = {"learning_rate": 0.008}  # not in the current grid, and the best validation score on disk
+    assert protocol.config_id(earlier) not in {protocol.config_id(c) for c in grids["sft"]}
+    protocol.write_json(store.grid_path("sft", earlier, 0), {"config": earlier, "seed": 0, "split": "validation",
+                        "metrics": {"prompt_level_strict_acc": 0.99, "inst_level_strict_acc": 0.99}})  # fmt: skip
+    protocol.run_protocol(store, grids, FakeRuns(protocol, store, {"sft": 2}), [0], [0], log=lambda _: None)
+    out = protocol.report(store, grids, [0], [0], num_bootstrap=20)
+    assert out["selection"]["sft"]["config"] == grids["sft"][2]
+    assert [(p["method"], p["config_id"]) for p in out["superseded_grid"]] == [("sft", "learning_rate=0.008")]
+    assert "| sft | learning_rate=0.008 | 0 | 99.0 | 99.0 |" in (tmp_path / "quality.md").read_text()
 
 
 def test_quality_rejects_zero_jobs(tmp_path):

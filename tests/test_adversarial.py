@@ -409,3 +409,53 @@ def test_evaluation_between_two_steps_of_one_generation_keeps_its_demonstrations
     assert len(logs) == 2 and all(math.isfinite(entry["sft/loss"]) for entry in logs)
     assert len(trainer._sft_micro_batches["train"]) == 2 and len(trainer._sft_micro_batches["eval"]) == 1
     assert all(math.isfinite(entry["eval_sft/loss"]) for entry in trainer.state.log_history if "eval_loss" in entry)
+
+
+def test_discriminator_update_takes_one_pass_with_the_two_pass_logits_loss_and_gradient(tiny_model_path):
+    """The update's single pass over real and fake rows gives what a pass over each side gives (cheap path, same
+    objective), with fewer model calls."""
+    import copy
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from trl_uniapl.discriminator import Discriminator, discriminator_loss_sum
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_path, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    reference = copy.deepcopy(model)
+    discriminator = Discriminator(model, tokenizer, uses_policy_tokens=True, learning_rate=1e-2, batch_size=8)
+    real_rows = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]  # two expert completions of different lengths
+    fake_rows = [[5, 6, 7, 20, 21], [5, 6, 7, 22], [11, 12, 30, 31, 32, 33, 34], [11, 12, 35]]
+    real_batches, fake_batches = discriminator.encode_ids(real_rows), discriminator.encode_ids(fake_rows)
+    real_index = torch.tensor([0, 0, 1, 1])
+
+    # Two passes, one per side, on an identical copy: the reference logits, loss and gradient.
+    reference.train()
+    real_logits = torch.cat([reference(**batch).logits[:, 0] for batch in real_batches])[real_index]
+    fake_logits = torch.cat([reference(**batch).logits[:, 0] for batch in fake_batches])
+    real_loss, fake_loss = discriminator_loss_sum(real_logits, fake_logits, "bce")
+    ((real_loss + fake_loss) / len(fake_rows)).backward()
+    reference_grads = [p.grad.clone() for p in reference.parameters() if p.requires_grad]
+
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(1))
+    captured = {}
+    original_clip = torch.nn.utils.clip_grad_norm_
+
+    def capture_then_clip(parameters, max_norm, *args, **kwargs):
+        captured["grads"] = [p.grad.clone() for p in parameters]
+        return original_clip(parameters, max_norm, *args, **kwargs)
+
+    torch.nn.utils.clip_grad_norm_ = capture_then_clip
+    try:
+        update = discriminator.update(real_batches, fake_batches, "bce", 0.0, real_index)
+    finally:
+        torch.nn.utils.clip_grad_norm_ = original_clip
+    assert len(calls) == 1  # 6 rows, batch_size 8: one forward, where two passes take two
+    torch.testing.assert_close(update.real_logits, real_logits.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(update.fake_logits, fake_logits.detach(), rtol=1e-5, atol=1e-6)
+    assert update.loss == pytest.approx(((real_loss + fake_loss) / len(fake_rows)).item(), rel=1e-5)
+    for grad, expected in zip(captured["grads"], reference_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)

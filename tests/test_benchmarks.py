@@ -409,3 +409,12 @@ def test_speed_gpu_mode_pipeline_on_cpu_with_tiny_shape(tmp_path):
     if not speed.torch.cuda.is_available():  # the real shape refuses to run on CPU instead of taking hours
         with pytest.raises(ValueError, match="needs CUDA"):
             speed.main(["--gpu", "--output_dir", str(tmp_path / "no-gpu")])
+
+
+def test_discriminator_update_benchmark_times_both_passes_and_writes_json(tmp_path, student_cache, monkeypatch):
+    monkeypatch.setenv("TRL_UNIAPL_CACHE", student_cache)
+    out = load("discriminator_update").main(["--student_fast", "--repetitions", "2", "--output_dir", str(tmp_path)])
+    assert out["rows"] == {"real": 2, "fake": 16}
+    assert {len(values) for values in out["seconds"].values()} == {2}
+    assert all(value > 0 for value in out["median_seconds"].values())
+    assert json.loads((tmp_path / "discriminator_update.json").read_text())["one_pass_over_two_passes"]["median"] > 0

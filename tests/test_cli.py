@@ -203,6 +203,9 @@ def test_script_readme_first_command_quick_exits_0(tmp_path, student_cache):
     for name in ("report.md", "metrics.json", "training_curves.png", "distributions.png", "model/config.json"):
         assert (tmp_path / "uniapl-demo" / name).exists(), name
     assert "'before':" not in result.stderr  # the results dict is no longer printed as an exit message
+    # A short line per tenth of the run instead of transformers' whole log dict per log.
+    assert "{'loss'" not in result.stdout and "'rewards/" not in result.stdout, result.stdout
+    assert "step 4/4: reward" in result.stdout, result.stdout
     assert not [noise for noise in NOISE if noise in result.stderr], result.stderr
 
 

@@ -204,6 +204,15 @@ class Discriminator:
             batches.append({"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]})
         return batches
 
+    def regroup(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """The rows of `batches`, in order, re-padded into as few micro-batches of `batch_size` rows as they fill."""
+        sequences = [
+            ids[mask.bool()].tolist()
+            for batch in batches
+            for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        ]
+        return self.encode_ids(sequences)
+
     def logits(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """One logit per row, in fp32."""
         device = self.device
@@ -244,8 +253,11 @@ class Discriminator:
         """
         self.model.train()
         with torch.enable_grad():
-            real_logits = self.logits(real_batches)
-            fake_logits = self.logits(fake_batches)
+            # One pass over the real and fake rows together: the same logits and loss as two passes, with half the
+            # forward/backward calls (each call's fixed cost dominates for the few real rows of a batch).
+            num_real = sum(len(batch["input_ids"]) for batch in real_batches)
+            all_logits = self.logits(self.regroup(real_batches + fake_batches))
+            real_logits, fake_logits = all_logits[:num_real], all_logits[num_real:]
             if real_index is not None:
                 real_logits = real_logits[real_index.to(real_logits.device)]
             device = self.device

@@ -14,8 +14,9 @@ so a policy pass (generation, loss, reference) runs exactly the policy's modules
   reference model), so the discriminator reads the frozen (possibly 4-bit) base plus its own adapter;
 - every policy parameter is frozen (`requires_grad=False`) and restored afterwards, so the discriminator's backward
   never writes a gradient into the policy and no DDP hook fires;
-- the global RNG is forked and the discriminator's own RNG state is swapped in, so its dropout (if any) never consumes
-  the policy's random stream.
+- nothing here touches the random stream: the trainer runs every discriminator pass on a forked RNG of its own
+  (`UniAPLTrainer._discriminator_rng`, seeded per generation batch), so the discriminator's dropout (if any) never
+  consumes the policy's random stream, and a resumed run draws the same masks without any saved RNG state.
 
 With a fully fine-tuned policy the backbone is the policy's current weights (they move as the policy trains; the
 discriminator's adapter and head follow it), which adds no weights to memory. `discriminator_type="frozen_copy"`
@@ -40,7 +41,6 @@ from .config import DISCRIMINATOR_TYPES  # noqa: F401 - re-exported
 from .discriminator import Discriminator, optimizer_settings
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-RNG_STATE_NAME = "discriminator_rng_state.pt"
 # Sub-modules of a peft model that are adapter weights, not base layers: the discriminator never targets them.
 _PEFT_PARTS = re.compile(r"(^|\.)(lora_\w+|modules_to_save)(\.|$)")
 
@@ -168,7 +168,6 @@ class SharedBackboneClassifier(nn.Module):
         nn.init.normal_(self.score.weight, std=getattr(backbone.config, "initializer_range", 0.02))
         self.score.to(next(backbone.parameters()).device)
         self._depth = 0
-        self._rng_state: dict[str, torch.Tensor] | None = None
 
     @property
     def backbone_module(self) -> nn.Module:
@@ -198,11 +197,7 @@ class SharedBackboneClassifier(nn.Module):
         requires_grad = [(param, param.requires_grad) for param in owner.parameters()]
         modes = [(module, module.training) for module in backbone.modules()]
         handles = []
-        device = self.score.weight.device
-        devices = [device] if device.type == "cuda" else []
         with contextlib.ExitStack() as stack:
-            stack.enter_context(torch.random.fork_rng(devices=devices))
-            self._swap_in_rng(device)
             try:
                 if self.peft_policy is not None:
                     stack.enter_context(self.peft_policy.disable_adapter())
@@ -225,7 +220,6 @@ class SharedBackboneClassifier(nn.Module):
                 self._depth = 0
                 for handle in handles:
                     handle.remove()
-                self._save_rng(device)
         # After peft re-enabled its adapter (which sets requires_grad on its own terms): restore the exact flags.
         for param, flag in requires_grad:
             param.requires_grad_(flag)
@@ -238,24 +232,6 @@ class SharedBackboneClassifier(nn.Module):
             return output + delta(args[0]).to(output.dtype)
 
         return hook
-
-    def _swap_in_rng(self, device: torch.device) -> None:
-        if self._rng_state is None:
-            return
-        torch.set_rng_state(self._rng_state["cpu"])
-        if device.type == "cuda" and "cuda" in self._rng_state:
-            torch.cuda.set_rng_state(self._rng_state["cuda"], device)
-
-    def _save_rng(self, device: torch.device) -> None:
-        self._rng_state = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            self._rng_state["cuda"] = torch.cuda.get_rng_state(device)
-
-    def seed(self, seed: int) -> None:
-        """Start the discriminator's own random stream (dropout) from `seed`, without touching the global one."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self._rng_state = {"cpu": torch.get_rng_state()}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
         with self.session():
@@ -360,18 +336,6 @@ class SharedDiscriminator(Discriminator):
             )
         self.model.load_adapter_state_dict(load_file(path), input_dir)
 
-    def save_training_state(self, output_dir: str, state: dict[str, Any]) -> None:
-        super().save_training_state(output_dir, state)
-        if self.model._rng_state is not None:  # its dropout stream, for an exact resume
-            torch.save(self.model._rng_state, os.path.join(output_dir, RNG_STATE_NAME))
-
-    def load_training_state(self, input_dir: str) -> dict[str, Any]:
-        state = super().load_training_state(input_dir)
-        path = os.path.join(input_dir, RNG_STATE_NAME)
-        if os.path.exists(path):
-            self.model._rng_state = torch.load(path, weights_only=True)
-        return state
-
 
 def resolve_discriminator_type(
     requested: str | None, has_instance: bool, has_path: bool, has_tokenizer: bool, sharded: bool
@@ -443,7 +407,6 @@ def build_shared_discriminator(
             copy_dtype=copy_dtype,
             **settings,
         )
-    model.seed(args.seed + 1)
     if device is not None:
         model.to(device)
     return SharedDiscriminator(

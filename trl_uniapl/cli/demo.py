@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from .evaluate import metrics_table, summary
 from .plots import plot_distributions, plot_training_curves
@@ -108,6 +111,52 @@ def find_demo_output(start: str | os.PathLike | None = None, levels: int = 2) ->
     return None
 
 
+# What the demo shows of each log: the task reward, the SFT loss and the discriminator's accuracies.
+PROGRESS_KEYS = {
+    "reward": "reward",
+    "sft/loss": "sft",
+    "discriminator/acc_real": "D real",
+    "discriminator/acc_fake": "D fake",
+}
+
+
+class DemoProgress(TrainerCallback):
+    """A few numbers per log instead of transformers' whole log dict per log (its ProgressCallback and
+    PrinterCallback print ~50 keys each time): in the progress bar's postfix, or, without progress bars, one short line
+    at every tenth of the run. Every logged value still goes to `log_history.json`."""
+
+    def __init__(self, show_progress: bool):
+        self.show_progress = show_progress
+        self.bar = None
+
+    @staticmethod
+    def _summary(logs: dict[str, Any]) -> dict[str, str]:
+        return {label: f"{logs[key]:.3g}" for key, label in PROGRESS_KEYS.items() if isinstance(logs.get(key), float)}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.show_progress and state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, desc="UniAPL", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "train_runtime" in logs:
+            return
+        summary = self._summary(logs)
+        if self.bar is not None:
+            self.bar.set_postfix(summary, refresh=False)
+        elif state.global_step % max(1, state.max_steps // 10) == 0 or state.global_step == state.max_steps:
+            numbers = ", ".join(f"{label} {value}" for label, value in summary.items())
+            print(f"  step {state.global_step}/{state.max_steps}: {numbers}", flush=True)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def _analyse(model, tokenizer, dataset: Dataset, show_progress: bool, max_new_tokens: int) -> dict[str, Any]:
     from ..ifeval.evaluation import evaluate_ifeval, expert_logprob
 
@@ -180,6 +229,9 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         demonstration_dataset=splits["demonstrations"],
         processing_class=tokenizer,
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(DemoProgress(show))
     train_start = time.time()
     trainer.train()
     train_time = time.time() - train_start

@@ -86,10 +86,26 @@ def discriminator_grids(base_selection: Mapping[str, Any]) -> dict[str, list[dic
     return {REFERENCE_METHOD: [selected], "uniapl_full_copy": [{**selected, "discriminator_type": "full_copy"}]}
 
 
+# The SFT weights of the α sweep: the default α = 1 against weaker SFT terms.
+SWEEP_ALPHAS = (0.1, 0.3)
+
+
+def alpha_grids(base_selection: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """UniAPL at the base regime's selected configuration and with a weaker SFT term (`sft_coef` α in SWEEP_ALPHAS),
+    the rest unchanged: does the SFT term hold UniAPL's accuracy back? As in the λ sweep, nothing is chosen among
+    them; every variant is scored on test with the same seeds."""
+    selected = dict(base_selection["uniapl"]["config"])
+    variants = {REFERENCE_METHOD: [selected]}
+    for alpha in SWEEP_ALPHAS:
+        variants[f"uniapl_alpha{alpha:g}"] = [{**selected, "sft_coef": alpha}]
+    return variants
+
+
 # Regimes built from another regime's validation selection: name -> the variants' grids.
 VARIANT_REGIMES: dict[str, Callable[[Mapping[str, Any]], dict[str, list[dict[str, Any]]]]] = {
     "lambda_sweep": sweep_grids,
     "discriminator_types": discriminator_grids,
+    "alpha_sweep": alpha_grids,
 }
 
 
@@ -121,8 +137,7 @@ def reuse_runs(
 
 def method_kind(method: str) -> str:
     """The training code a method name runs: the sweep's variants are UniAPL runs."""
-    variant = method.startswith("uniapl_lambda") or method in ("uniapl_lagrangian", "uniapl_full_copy")
-    return "uniapl" if variant else method
+    return "uniapl" if method.startswith("uniapl_") and method not in METHODS else method
 
 
 # ---------------------------------------------------------------------------------------------------------------------

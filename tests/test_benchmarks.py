@@ -301,6 +301,15 @@ def test_discriminator_types_compare_shared_and_full_copy_at_the_selected_config
     variants = protocol.discriminator_grids({"uniapl": {"config": selected}})
     assert variants == {"uniapl": [selected], "uniapl_full_copy": [{**selected, "discriminator_type": "full_copy"}]}
     assert protocol.method_kind("uniapl_full_copy") == "uniapl"
+    alphas = protocol.alpha_grids({"uniapl": {"config": selected}})
+    assert alphas["uniapl"] == [selected] and {len(configs) for configs in alphas.values()} == {1}
+    assert sorted(c[0]["sft_coef"] for m, c in alphas.items() if m != "uniapl") == sorted(protocol.SWEEP_ALPHAS)
+    assert all(protocol.method_kind(m) == "uniapl" for m in alphas)
+    assert [protocol.method_kind(m) for m in ("uniapl_no_disc", "uniapl_no_sft", "sft")] == [
+        "uniapl_no_disc",
+        "uniapl_no_sft",
+        "sft",
+    ]
     assert quality.budget("uniapl_full_copy", quality.FULL) == quality.budget("uniapl", quality.FULL)
 
 

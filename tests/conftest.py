@@ -78,8 +78,16 @@ CPU_GRPO_SETTINGS = dict(
 def uniapl_args(output_dir, **overrides):
     from trl_uniapl import UniAPLConfig
 
-    # No discriminator warm-up: the tests check the adversarial term from the first step.
-    settings = {**CPU_GRPO_SETTINGS, "discriminator_learning_rate": 1e-2, "discriminator_warmup_steps": 0, **overrides}
+    # No discriminator warm-up: the tests check the adversarial term from the first step. α = 1 and λ = 0.1 (the
+    # defaults these tests were written with) keep both terms large on a few steps; the defaults have their own test.
+    settings = {
+        **CPU_GRPO_SETTINGS,
+        "sft_coef": 1.0,
+        "adversarial_coef": 0.1,
+        "discriminator_learning_rate": 1e-2,
+        "discriminator_warmup_steps": 0,
+        **overrides,
+    }
     return UniAPLConfig(output_dir=str(output_dir), **settings)
 
 

@@ -30,3 +30,12 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in command and "torch==2.13.0" in command
     ci = (README.parent / ".ci" / "run").read_text()
     assert "ci:test-command" in ci
+
+
+def test_readme_configuration_table_states_the_config_defaults():
+    from trl_uniapl import UniAPLConfig
+
+    config = UniAPLConfig(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
+    rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", README.read_text(), re.M))
+    for name in ("sft_coef", "adversarial_coef", "sft_coef_schedule", "discriminator_warmup_steps"):
+        assert rows[name] == str(getattr(config, name)), name

@@ -470,7 +470,9 @@ def test_plain_grpo_config_with_demonstrations_uses_uniapl_defaults(
         demonstration_dataset=demonstration_dataset,
     )
     assert isinstance(trainer.args, UniAPLConfig)
-    assert trainer.args.sft_coef == 1.0 and trainer.discriminator is not None
+    defaults = UniAPLConfig.__dataclass_fields__
+    assert trainer.args.sft_coef == defaults["sft_coef"].default > 0 and trainer.discriminator is not None
+    assert trainer.args.adversarial_coef == defaults["adversarial_coef"].default > 0
     assert os.path.basename(trainer.args.output_dir) == os.path.basename(str(tmp_path))
 
 

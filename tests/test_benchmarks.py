@@ -427,3 +427,26 @@ def test_discriminator_update_benchmark_times_both_passes_and_writes_json(tmp_pa
     assert {len(values) for values in out["seconds"].values()} == {2}
     assert all(value > 0 for value in out["median_seconds"].values())
     assert json.loads((tmp_path / "discriminator_update.json").read_text())["one_pass_over_two_passes"]["median"] > 0
+
+
+def test_quality_compare_pairs_runs_of_two_folders_with_the_same_settings(tmp_path):
+    protocol, compare = load("quality_protocol"), load("quality_compare")
+    a, b = protocol.RunStore(str(tmp_path / "a")), protocol.RunStore(str(tmp_path / "b"))
+    for store in (a, b):
+        store.check_settings({"steps": 60})
+    n = 200
+    for seed in (0, 1):
+        base = _toy_per_prompt(0.3, n, seed=seed)
+        protocol.write_json(a.test_path("variant", seed), {"seed": seed, "per_prompt": base})
+        better = {**base, "prompt_strict": [1] * 20 + base["prompt_strict"][20:]}  # 20 more prompts passed at most
+        protocol.write_json(b.test_path("baseline", seed), {"seed": seed, "per_prompt": better})
+    output = tmp_path / "paired.json"
+    argv = ["--reference", a.root, "variant", "--against", b.root, "baseline", "--output", str(output),
+            "--num_bootstrap", "50"]  # fmt: skip
+    out = compare.main(argv)
+    difference = out["minus_reference"]["baseline"]["prompt_level_strict_acc"]
+    assert 0 < difference["mean"] <= 0.1 and out["minus_reference"]["baseline"]["seeds"] == [0, 1]
+    assert json.loads(output.read_text())["reference"]["method"] == "variant"
+    protocol.write_json(os.path.join(b.root, "settings.json"), {"steps": 120})
+    with pytest.raises(ValueError, match="other settings"):
+        compare.main(argv)

@@ -491,7 +491,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--base",
         default="default",
         choices=list(protocol.REGIMES),
-        help="Base regime of --regime lambda_sweep / discriminator_types (its grid phase must be finished).",
+        help=f"Base regime of the variant regimes ({', '.join(protocol.VARIANT_REGIMES)}); its grid phase must be "
+        "finished.",
     )
     parser.add_argument("--quick", action="store_true", help="Tiny settings (a few minutes): checks the pipeline.")
     parser.add_argument("--seeds", type=int, default=None, help="Test seeds per selected configuration (default 5).")

@@ -20,7 +20,7 @@ from quality_stats import bootstrap  # noqa: E402
 
 
 def test_runs(root: str, method: str) -> dict[int, dict[str, Any]]:
-    folder = os.path.join(root, "runs", "test", method)
+    folder = os.path.dirname(protocol.RunStore(root).test_path(method, 0))
     runs = {}
     for name in sorted(os.listdir(folder)):
         if name.startswith("seed") and name.endswith(".json"):

@@ -481,13 +481,12 @@ def superseded_grid_runs(store: RunStore, grid: Mapping[str, list[dict]]) -> lis
     current = {method: {config_id(c) for c in configs} for method, configs in grid.items()}
     found = []
     for method in grid:
-        folder = os.path.join(store.root, "runs", "grid", method)
+        folder = os.path.dirname(store.grid_path(method, {}, 0))
         for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            if not name.endswith(".json"):
+            # A run's file is named `<config_id>-seed<k>.json`: the current grid's runs are skipped unread.
+            if not name.endswith(".json") or name.rsplit("-seed", 1)[0] in current[method]:
                 continue
             record = read_json(os.path.join(folder, name))
-            if config_id(record["config"]) in current[method]:
-                continue
             metrics = record["metrics"]
             found.append(
                 {

@@ -429,7 +429,7 @@ def regime_grid(args, settings) -> dict[str, list[dict[str, Any]]]:
         if base_settings != settings:
             raise SystemExit(f"The base regime in {base} ran with other settings; use the same --steps/--set.")
         return protocol.VARIANT_REGIMES[args.regime](selection)
-    grid = protocol.grids()
+    grid = protocol.grids(args.regime)
     return {method: grid[method] for method in args.methods}
 
 

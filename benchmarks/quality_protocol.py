@@ -53,14 +53,24 @@ LAMBDAS_2 = (0.1, 0.5)
 SWEEP_LAMBDAS = (0.0, 0.03, 0.1, 0.3, 1.0)
 
 
-def grids() -> dict[str, list[dict[str, Any]]]:
-    """Each method's tuning grid: a list of setting overrides, GRID_SIZE of them for every method."""
+# UniAPL's SFT weight α (`sft_coef`) in each regime's grid. The `default` regime ran before the α sweep, at the then
+# default α = 1 (the settings' `sft_coef`); the sweep chose α = 0.1 on validation and UniAPLConfig took it as its
+# default, so the regimes run after it tune UniAPL, and its no-discriminator ablation (which must differ from UniAPL by
+# the discriminator only), at α = 0.1: they measure the trainer as it ships. The value is in the grid points, hence in
+# their file names, so points run at α = 1 before the change stay on disk as superseded grid points.
+GRID_SFT_COEF: dict[str, float | None] = {"default": None, "scarce": 0.1, "sparse": 0.1}
+
+
+def grids(regime: str = "default") -> dict[str, list[dict[str, Any]]]:
+    """Each method's tuning grid in `regime`: a list of setting overrides, GRID_SIZE of them for every method."""
+    sft_coef = GRID_SFT_COEF[regime]
+    alpha = {} if sft_coef is None else {"sft_coef": sft_coef}
     return {
         "sft": [{"learning_rate": lr} for lr in SFT_LRS],
         "grpo": [{"learning_rate": lr} for lr in RL_LRS],
         "sft_then_grpo": [{"sft_learning_rate": a, "learning_rate": b} for a in SFT_LRS_2 for b in RL_LRS_2],
-        "uniapl": [{"learning_rate": lr, "adversarial_coef": lam} for lr in SFT_LRS_2 for lam in LAMBDAS_2],
-        "uniapl_no_disc": [{"learning_rate": lr} for lr in SFT_LRS],
+        "uniapl": [{"learning_rate": lr, "adversarial_coef": lam, **alpha} for lr in SFT_LRS_2 for lam in LAMBDAS_2],
+        "uniapl_no_disc": [{"learning_rate": lr, **alpha} for lr in SFT_LRS],
         "uniapl_no_sft": [{"learning_rate": lr} for lr in RL_LRS],
     }
 

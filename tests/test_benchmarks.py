@@ -62,6 +62,21 @@ def test_scarce_regime_fits_the_prompts_make_splits_can_draw():
     assert available > scarce["num_demonstrations"] + scarce["num_preference"]
 
 
+def test_regimes_after_the_alpha_sweep_tune_uniapl_and_its_no_discriminator_ablation_at_the_shipped_alpha():
+    from trl_uniapl import UniAPLConfig
+
+    protocol = load("quality_protocol")
+    default = protocol.grids("default")
+    assert set(protocol.GRID_SFT_COEF) == set(protocol.REGIMES)
+    assert all("sft_coef" not in c for configs in default.values() for c in configs)  # as the default regime ran
+    for regime in ("scarce", "sparse"):
+        grid = protocol.grids(regime)
+        assert protocol.GRID_SFT_COEF[regime] == UniAPLConfig.sft_coef == 0.1
+        for method in ("uniapl", "uniapl_no_disc"):
+            assert [c.pop("sft_coef") for c in grid[method]] == [0.1] * protocol.GRID_SIZE
+        assert grid == default  # otherwise the same points: only α differs, and only for the two α-carrying methods
+
+
 def test_every_method_gets_a_grid_of_the_same_size_over_its_range_and_the_same_budget():
     protocol, quality = load("quality_protocol"), load("quality")
     grids = protocol.grids()

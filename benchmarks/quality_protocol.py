@@ -412,6 +412,21 @@ def training_signals(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
+def training_curves(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Each training signal per logged step, averaged over the seeds that logged it: `{signal: {"step", "mean"}}`."""
+    out = {}
+    for key in SIGNALS:
+        by_step: dict[float, list[float]] = {}
+        for record in records:
+            for row in record.get("history", []):
+                if key in row:
+                    by_step.setdefault(row["step"], []).append(row[key])
+        if by_step:
+            steps = sorted(by_step)
+            out[key] = {"step": steps, "mean": [float(np.mean(by_step[step])) for step in steps]}
+    return out
+
+
 def _mean_metrics(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Mean over seeds of each report metric the records have."""
     keys = [k for k in REPORT_METRICS if all(r["metrics"].get(k) is not None for r in records)]
@@ -458,6 +473,7 @@ def report(
             entry["budget"] = ordered[0].get("budget")
             entry["train_seconds"] = float(np.mean([r["train_seconds"] for r in ordered]))
             entry["training_signals"] = training_signals(ordered)
+            entry["training_curves"] = training_curves(ordered)
             paired = sorted(set(runs) & set(reference))
             if method != REFERENCE_METHOD and paired:
                 entry["minus_reference"] = bootstrap(
@@ -542,6 +558,46 @@ def plot(out: Mapping[str, Any], directory: str) -> list[str]:
     path = os.path.join(directory, "quality_accuracy.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [os.path.basename(path), *plot_training_curves(out, directory, plt)]
+
+
+SMOOTHING = 5  # steps per moving average in the training-curve figure: one step's value averages only 4-5 groups
+
+
+def _smoothed(curve: Mapping[str, list[float]]) -> tuple[list[float], np.ndarray]:
+    """The curve's moving average over SMOOTHING logged steps (shorter curves are shown as they are)."""
+    window = min(SMOOTHING, len(curve["mean"]))
+    means = np.convolve(curve["mean"], np.ones(window) / window, mode="valid")
+    return curve["step"][window - 1 :], means
+
+
+def plot_training_curves(out: Mapping[str, Any], directory: str, plt) -> list[str]:
+    """The training signals over the steps of the test runs, one line per method (mean over seeds): the evidence for
+    why the discriminator helps or does not (tied groups, how well it separates expert from policy, r_adv, λ)."""
+    curves = {m: e["training_curves"] for m, e in out["results"].items() if e.get("training_curves")}
+    panels = [
+        ("frac_reward_zero_std", "frac_reward_zero_std (tied groups)"),
+        ("discriminator/acc_real", "discriminator acc: expert (solid), policy (dashed)"),
+        ("adversarial/reward_mean", "r_adv (mean adversarial reward)"),
+        ("adversarial/coef", "applied λ (adversarial/coef)"),
+    ]
+    if not any(key in c for c in curves.values() for key, _ in panels):
+        return []
+    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        for index, (method, method_curves) in enumerate(curves.items()):
+            color = f"C{index}"
+            if key in method_curves:
+                ax.plot(*_smoothed(method_curves[key]), color=color, label=method)
+            if key == "discriminator/acc_real" and "discriminator/acc_fake" in method_curves:
+                ax.plot(*_smoothed(method_curves["discriminator/acc_fake"]), color=color, ls="--")
+        ax.set_title(title + f", {SMOOTHING}-step mean", fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(directory, "quality_signals.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
     return [os.path.basename(path)]
 
 
@@ -617,6 +673,8 @@ def markdown(out: Mapping[str, Any]) -> str:
         lines.append(
             f"| {method} | " + " | ".join(f"{signals[k]:.3f}" if k in signals else "–" for k in SIGNALS) + " |"
         )
+    if "quality_signals.png" in out.get("plots", []):
+        lines += ["", "Per step, mean over the test seeds: `quality_signals.png`.", "", "![](quality_signals.png)"]
     lines += [
         "",
         f"## Tuning record (validation split, grid seeds {out['grid_seeds']}; selected in **bold**)",

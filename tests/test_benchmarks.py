@@ -465,3 +465,29 @@ def test_quality_compare_pairs_runs_of_two_folders_with_the_same_settings(tmp_pa
     protocol.write_json(os.path.join(b.root, "settings.json"), {"steps": 120})
     with pytest.raises(ValueError, match="other settings"):
         compare.main(argv)
+
+
+def test_training_curves_average_each_signal_per_step_over_seeds_and_are_plotted(tmp_path):
+    protocol = load("quality_protocol")
+    runs = [
+        {"history": [{"step": 1, "frac_reward_zero_std": 0.5, "discriminator/acc_real": 0.4}, {"step": 2}]},
+        {"history": [{"step": 1, "frac_reward_zero_std": 0.1}, {"step": 2, "frac_reward_zero_std": 0.3}]},
+        {"history": []},  # SFT logs none of the signals
+    ]
+    curves = protocol.training_curves(runs)
+    assert curves["frac_reward_zero_std"] == {"step": [1, 2], "mean": [pytest.approx(0.3), pytest.approx(0.3)]}
+    assert curves["discriminator/acc_real"] == {"step": [1], "mean": [0.4]}
+    assert "adversarial/coef" not in curves and protocol.training_curves(runs[2:]) == {}
+
+    stat = {"mean": 0.1, "low": 0.05, "high": 0.15}
+    out = {
+        "reference_method": "uniapl",
+        "results": {
+            "uniapl": {"test": {"prompt_level_strict_acc": stat}, "training_curves": curves},
+            "sft": {"test": {"prompt_level_strict_acc": stat}, "training_curves": {}},
+        },
+    }
+    assert protocol.plot(out, str(tmp_path)) == ["quality_accuracy.png", "quality_signals.png"]
+    assert (tmp_path / "quality_signals.png").stat().st_size > 0
+    out["results"]["uniapl"]["training_curves"] = {}
+    assert protocol.plot(out, str(tmp_path)) == ["quality_accuracy.png"]  # no signal logged: no empty figure

@@ -48,9 +48,10 @@ RL_LRS = (2e-4, 5e-4, 1e-3, 2e-3)
 SFT_LRS_2 = (4e-4, 1.2e-3)
 RL_LRS_2 = (3e-4, 1e-3)
 LAMBDAS_2 = (0.1, 0.5)
-# The λ sweep: fixed λ values around the default 0.1 up to the range's end (A_adv and A_task have unit scale), and the
-# Lagrangian mode (its initial λ is the default 0.1).
-SWEEP_LAMBDAS = (0.0, 0.03, 0.1, 0.3, 1.0)
+# The λ sweep: fixed λ values from 0 (no discriminator) up to the range's end (A_adv and A_task have unit scale), about
+# half a decade apart, plus the base regime's selected λ, and the Lagrangian mode (its initial λ is 0.1). 0.03 was in
+# the first version; it was dropped before the sweep ever ran, to fit the sweep in a session beside the regimes.
+SWEEP_LAMBDAS = (0.0, 0.1, 0.3, 1.0)
 
 
 # UniAPL's SFT weight α (`sft_coef`) in each regime's grid. The `default` regime ran before the α sweep, at the then

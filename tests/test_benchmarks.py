@@ -491,3 +491,45 @@ def test_training_curves_average_each_signal_per_step_over_seeds_and_are_plotted
     assert (tmp_path / "quality_signals.png").stat().st_size > 0
     out["results"]["uniapl"]["training_curves"] = {}
     assert protocol.plot(out, str(tmp_path)) == ["quality_accuracy.png"]  # no signal logged: no empty figure
+
+
+def test_summary_checks_the_target_against_the_best_baseline_from_the_reports_own_paired_intervals(tmp_path):
+    summary = load("quality_summary")
+
+    def stat(mean, low, high):
+        return {"mean": mean, "low": low, "high": high}
+
+    def entry(accuracy, minus_uniapl=None, **metrics):
+        test = {"prompt_level_strict_acc": stat(accuracy, accuracy - 0.02, accuracy + 0.02)}
+        test.update({key: stat(value, value, value) for key, value in metrics.items()})
+        out = {"test": test}
+        if minus_uniapl is not None:
+            out["minus_reference"] = {"prompt_level_strict_acc": stat(*minus_uniapl)}
+        return out
+
+    distribution = {"length_wasserstein_to_expert": 10.0, "expert_logp": -3.0, "unrequested_effect_rate_mean": 0.05}
+    report = {
+        "reference_method": "uniapl",
+        "complete": True,
+        "settings": {"sft_coef": 1.0},
+        "results": {
+            "uniapl": {**entry(0.12, **distribution), "config": {"learning_rate": 4e-4}},
+            "grpo": entry(0.08, (-0.04, -0.06, -0.01), **{**distribution, "length_wasserstein_to_expert": 20.0}),
+            "sft": entry(0.05, (-0.07, -0.09, -0.05), **{**distribution, "expert_logp": -2.0}),
+            "uniapl_no_disc": entry(0.11, (-0.01, -0.02, 0.005), **distribution),
+        },
+    }
+    row = summary.summarise(report)
+    assert row["best_baseline"] == "grpo"  # the best baseline by test mean; the ablation is not a baseline
+    assert row["uniapl_minus_best_baseline"] == {"mean": 0.04, "low": 0.01, "high": 0.06}
+    assert row["target_met"]  # +4 points, interval [1, 6] above 0
+    assert row["closest_to_expert"]["expert_logp"] == "sft"
+    assert row["closest_to_expert"]["length_wasserstein_to_expert"] != "grpo"
+    assert row["discriminator_effect"]["prompt_level_strict_acc"] == {"mean": 0.01, "low": -0.005, "high": 0.02}
+    assert row["uniapl_config"] == {"sft_coef": 1.0, "learning_rate": 4e-4}
+
+    report["results"]["grpo"]["minus_reference"]["prompt_level_strict_acc"] = stat(-0.04, -0.08, 0.01)
+    assert not summary.summarise(report)["target_met"]  # +4 points on the mean, but the interval reaches below 0
+    report["complete"] = False
+    with pytest.raises(ValueError, match="incomplete.*rerun"):
+        summary.summarise(report)

@@ -27,7 +27,7 @@ same command skips them, so a killed session loses at most the run in progress.
     python benchmarks/quality.py --regime default                  # 256 demonstrations, 512 prompts, dense reward
     python benchmarks/quality.py --regime scarce                   # 48 demonstrations, 1,024 prompts
     python benchmarks/quality.py --regime sparse                   # all-or-nothing IFEval reward
-    python benchmarks/quality.py --regime lambda_sweep --base scarce   # λ values and the Lagrangian mode
+    python benchmarks/quality.py --regime lambda_sweep --base sparse   # λ values and the Lagrangian mode
     python benchmarks/quality.py --regime discriminator_types --base default   # shared vs full-copy discriminator
     python benchmarks/quality.py --regime alpha_sweep --base default   # weaker SFT terms (sft_coef 0.1, 0.3)
     python benchmarks/quality.py --regime default --report         # quality.json/.md from what is finished

@@ -50,11 +50,12 @@ class UniAPLConfig(GRPOConfig):
 
         > Parameters that control the adversarial reward λ·r_adv
 
-        adversarial_coef (`float`, *optional*, defaults to `0.5`):
+        adversarial_coef (`float`, *optional*, defaults to `0.1`):
             Weight λ of the adversarial advantage A_adv, added to the task advantage after TRL's normalisation:
             A = A_task + λ·A_adv, both of unit scale. In `"lagrangian"` mode this is the initial value of the
             multiplier. `0.0` (with `"fixed"` mode) disables the discriminator. The default is the value the quality
-            benchmark selected on validation (0.5 against 0.1, at both learning rates of its grid).
+            benchmark selected on validation at the default `sft_coef` (0.1 against 0.5, in both regimes run at it;
+            docs/benchmarks.md); larger values bring the lengths closer to the expert's, not the accuracy.
         adversarial_reward (`str` or `None`, *optional*, defaults to `None`):
             Reward computed from the discriminator's logit s = logit D: `"gail"` (−log(1−D)), `"airl"` (s), `"logd"`
             (log D) or `"score"` (s minus the batch's mean expert logit). `None` means `"gail"` with
@@ -171,7 +172,7 @@ class UniAPLConfig(GRPOConfig):
 
     # Adversarial term
     adversarial_coef: float = field(
-        default=0.5,
+        default=0.1,
         metadata={
             "help": "Weight lambda of the adversarial advantage, A = A_task + lambda * A_adv (initial value in "
             "'lagrangian' mode). 0 with 'fixed' mode disables the discriminator."

@@ -602,7 +602,8 @@ def plot_training_curves(out: Mapping[str, Any], directory: str, plt) -> list[st
     return [os.path.basename(path)]
 
 
-def _pct(stat: Mapping[str, float] | None, scale: float, digits: int) -> str:
+def format_interval(stat: Mapping[str, float] | None, scale: float, digits: int) -> str:
+    """`mean [low, high]` of a bootstrap statistic, scaled (100 for %), or `–` when there is none."""
     if not stat:
         return "–"
     return f"{stat['mean'] * scale:.{digits}f} [{stat['low'] * scale:.{digits}f}, {stat['high'] * scale:.{digits}f}]"
@@ -636,7 +637,7 @@ def markdown(out: Mapping[str, Any]) -> str:
         if "test" not in entry:
             lines.append(f"| {method} | {n} | " + " | ".join("*pending*" for _ in COLUMNS) + " | – | – |")
             continue
-        cells = [_pct(entry["test"].get(key), scale, digits) for key, _, scale, digits in COLUMNS]
+        cells = [format_interval(entry["test"].get(key), scale, digits) for key, _, scale, digits in COLUMNS]
         samples = (entry.get("budget") or {}).get("samples", "–")
         lines.append(f"| {method} | {n} | " + " | ".join(cells) + f" | {samples} | {entry['train_seconds']:.0f} |")
     if out.get("reference"):
@@ -660,7 +661,9 @@ def markdown(out: Mapping[str, Any]) -> str:
         if "minus_reference" not in entry:
             lines.append(f"| {method} | – | " + " | ".join("*pending*" for _ in COLUMNS) + " |")
             continue
-        cells = [_pct(entry["minus_reference"].get(key), scale, digits) for key, _, scale, digits in COLUMNS]
+        cells = [
+            format_interval(entry["minus_reference"].get(key), scale, digits) for key, _, scale, digits in COLUMNS
+        ]
         lines.append(f"| {method} | {entry['paired_seeds']} | " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -25,6 +25,12 @@ BASELINES = ("sft", "grpo", "sft_then_grpo")  # the tuned baselines; the other m
 SELECTION_METRIC = protocol.SELECTION_METRIC
 TARGET_POINTS = 0.03  # the paper's claim, as the issue states it: UniAPL ≥ best tuned baseline + 3 points
 # For each distribution metric, whether a smaller value is closer to the expert.
+# The discriminator's own effect (UniAPL − UniAPL without discriminator) in the table: metric -> label, scale, digits.
+DISCRIMINATOR_ROWS = {
+    "prompt_level_strict_acc": ("accuracy (points, paired)", 100, 1),
+    "length_wasserstein_to_expert": ("length W1 (tokens, paired)", 1, 2),
+    "expert_logp": ("expert log-prob (nats/token, paired)", 1, 3),
+}
 CLOSENESS = {"length_wasserstein_to_expert": True, "expert_logp": False, "unrequested_effect_rate_mean": True}
 
 
@@ -67,10 +73,6 @@ def summarise(report: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _cell(stat: dict[str, float], scale: float = 100, digits: int = 1) -> str:
-    return f"{stat['mean'] * scale:.{digits}f} [{stat['low'] * scale:.{digits}f}, {stat['high'] * scale:.{digits}f}]"
-
-
 def markdown(summary: dict[str, dict[str, Any]]) -> str:
     regimes = list(summary)
     methods = [m for m in protocol.METHODS if any(m in row["accuracy"] for row in summary.values())]
@@ -81,35 +83,27 @@ def markdown(summary: dict[str, dict[str, Any]]) -> str:
         "|" + "---|" * (len(regimes) + 1),
     ]
     for method in methods:
-        cells = [_cell(summary[r]["accuracy"][method]) if method in summary[r]["accuracy"] else "–" for r in regimes]
+        cells = [protocol.format_interval(summary[r]["accuracy"].get(method), 100, 1) for r in regimes]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     rows = [
         ("best tuned baseline", lambda row: row["best_baseline"]),
-        ("UniAPL − best baseline (points, paired)", lambda row: _cell(row["uniapl_minus_best_baseline"])),
+        (
+            "UniAPL − best baseline (points, paired)",
+            lambda row: protocol.format_interval(row["uniapl_minus_best_baseline"], 100, 1),
+        ),
         ("target (≥ +3, interval above 0) met", lambda row: "yes" if row["target_met"] else "**no**"),
         *(
             (f"closest to the expert: {metric}", lambda row, metric=metric: row["closest_to_expert"][metric])
             for metric in CLOSENESS
         ),
-        (
-            "discriminator's effect on accuracy (points, paired)",
-            lambda row: (
-                _cell(row["discriminator_effect"]["prompt_level_strict_acc"]) if "discriminator_effect" in row else "–"
-            ),
-        ),
-        (
-            "discriminator's effect on length W1 (tokens, paired)",
-            lambda row: (
-                _cell(row["discriminator_effect"]["length_wasserstein_to_expert"], 1, 2)
-                if "discriminator_effect" in row
-                else "–"
-            ),
-        ),
-        (
-            "discriminator's effect on expert log-prob (nats/token, paired)",
-            lambda row: (
-                _cell(row["discriminator_effect"]["expert_logp"], 1, 3) if "discriminator_effect" in row else "–"
-            ),
+        *(
+            (
+                f"discriminator's effect on {label}",
+                lambda row, key=key, scale=scale, digits=digits: protocol.format_interval(
+                    row.get("discriminator_effect", {}).get(key), scale, digits
+                ),
+            )
+            for key, (label, scale, digits) in DISCRIMINATOR_ROWS.items()
         ),
     ]
     lines += ["", "| | " + " | ".join(f"`{r}`" for r in regimes) + " |", "|" + "---|" * (len(regimes) + 1)]

@@ -39,3 +39,14 @@ def test_readme_configuration_table_states_the_config_defaults():
     rows = dict(re.findall(r"^\| `(\w+)` \| `([^`]*)` \|", README.read_text(), re.M))
     for name in ("sft_coef", "adversarial_coef", "sft_coef_schedule", "discriminator_warmup_steps"):
         assert rows[name] == str(getattr(config, name)), name
+
+
+def test_example_configs_state_the_config_defaults_of_alpha_and_lambda():
+    import yaml
+
+    from trl_uniapl import UniAPLConfig
+
+    for path in sorted((README.parent / "examples" / "configs").glob("*.yaml")):
+        values = yaml.safe_load(path.read_text())
+        for name in ("sft_coef", "adversarial_coef"):
+            assert values[name] == getattr(UniAPLConfig, name), (path.name, name)

@@ -167,7 +167,12 @@ def test_config_validation(overrides):
         "demonstration_ratio": ratio is not None and not 0 <= ratio <= 1,
         "sft_coef": overrides.get("sft_coef", 1.0) < 0,
         "adversarial_coef": overrides.get("adversarial_coef", 0.1) < 0,
-        "adversarial_reward": overrides.get("adversarial_reward", "gail") not in ("gail", "airl", "logd"),
+        "adversarial_reward": overrides.get("adversarial_reward", "gail") not in ("gail", "airl", "logd")
+        # The log-odds rewards need a BCE discriminator: a Bradley-Terry logit has an arbitrary offset.
+        or (
+            overrides.get("discriminator_loss") == "bt"
+            and overrides.get("adversarial_reward") in ("gail", "airl", "logd")
+        ),
         "discriminator_loss": overrides.get("discriminator_loss", "bce") not in ("bce", "bt"),
         "discriminator_steps": overrides.get("discriminator_steps", 1) < 1,
         "discriminator_label_smoothing": not 0 <= overrides.get("discriminator_label_smoothing", 0.0) < 0.5,

@@ -204,3 +204,35 @@ def test_small_splits_property(seed):
     )
     for demonstration in splits["demonstrations"]:
         assert demonstration["completion"][0]["content"] == task.teacher_response(demonstration)
+
+
+# Every piece of generated data, fingerprinted in a fresh interpreter: the splits (all three, row for row), the
+# student's tokenizer corpus and its warm-up examples.
+_FINGERPRINT_SCRIPT = """
+import hashlib, json, random
+from trl_uniapl.demo import student
+from trl_uniapl.ifeval import task
+
+splits = task.make_splits(seed=0, num_demonstrations=64, num_preference=64, num_eval=200)
+payload = {name: split.to_list() for name, split in splits.items()}
+payload["corpus"] = student.task_corpus(num_rows=200)
+payload["restyled"] = [student._restyle("Here is a note, about tea. Any other questions?", random.Random(i), 0.5)
+                       for i in range(20)]
+print(hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest())
+"""
+
+
+def test_generated_data_is_identical_under_every_hash_seed():
+    """A frozenset's iteration order follows string hashing (PYTHONHASHSEED, random per process): data generation
+    must not depend on it, or every benchmark process scores its own variant of the test split."""
+    import subprocess
+    import sys
+
+    digests = set()
+    for hash_seed in ("0", "1", "12345"):
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        result = subprocess.run(
+            [sys.executable, "-c", _FINGERPRINT_SCRIPT], env=env, capture_output=True, text=True, check=True
+        )
+        digests.add(result.stdout.strip().splitlines()[-1])
+    assert len(digests) == 1, digests

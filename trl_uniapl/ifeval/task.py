@@ -232,7 +232,9 @@ def _sample_instruction_ids(rng: random.Random, unseen_combination: bool) -> lis
     num_instructions = rng.choices((1, 2, 3), weights=INSTRUCTION_COUNT_WEIGHTS)[0]
     while True:
         if unseen_combination:
-            chosen = list(rng.choice(HELDOUT_COMBINATIONS))
+            # sorted: a frozenset iterates in string-hash order, which PYTHONHASHSEED changes from one process to the
+            # next; the draws after it (shuffle, kwargs) must see the same list in every process.
+            chosen = sorted(rng.choice(HELDOUT_COMBINATIONS))
             if num_instructions == 3:
                 chosen.append(rng.choice([i for i in INSTRUCTION_IDS if i not in chosen]))
             rng.shuffle(chosen)

@@ -14,9 +14,9 @@ Timings come from wrappers installed on the trainer instances from the outside (
 - `generation`: `_generate` (the sampling call);
 - `task_reward`: the IFEval reward function;
 - `discriminator_update` / `discriminator_scoring`: `Discriminator.update` / `Discriminator.score` (both run inside
-  `UniAPLTrainer._adversarial_advantages`), `adversarial_other`: the rest of it (encoding, A_adv, bookkeeping);
+  `AdversarialTerm.advantages`), `adversarial_other`: the rest of it (encoding, A_adv, bookkeeping);
 - `policy_loss_forward`: GRPO's `_compute_loss` (forward of the policy-gradient loss);
-- `sft_forward`: UniAPL's `_sft_loss` (forward of the expert NLL);
+- `sft_forward`: UniAPL's `SFTTerm._nll` (forward of the expert NLL);
 - `backward_and_rest`: `training_step` minus generation, rewards and the two forwards (mostly the one backward of
   both terms, plus GRPO's batch bookkeeping and UniAPL's expert tokenization);
 - `optimizer_and_other`: the step's wall time minus everything above (optimizer step, clipping, scheduling, logging).
@@ -208,15 +208,15 @@ def instrument(trainer, kind: str, timers: Timers) -> None:
     timers.wrap(trainer, "_generate", "generation")
     timers.wrap(trainer, "training_step", "training_step")
     timers.wrap(trainer, "_compute_loss", "policy_loss_forward")
-    if hasattr(trainer, "_sft_loss"):
-        timers.wrap(trainer, "_sft_loss", "sft_forward")
+    if getattr(trainer, "sft", None) is not None:
+        timers.wrap(trainer.sft, "_nll", "sft_forward")
     trainer.reward_funcs[0] = _timed_function(trainer.reward_funcs[0], timers, "task_reward")
     if getattr(trainer, "discriminator", None) is not None:
         timers.wrap(trainer.discriminator, "update", "discriminator_update")
         timers.wrap(trainer.discriminator, "score", "discriminator_scoring")
         # Everything the adversarial advantage costs (D update, scoring, encoding, A_adv): `adversarial_other` is the
         # part outside the update and scoring passes.
-        timers.wrap(trainer, "_adversarial_advantages", "adversarial_total")
+        timers.wrap(trainer.adversarial, "advantages", "adversarial_total")
 
 
 def _timed_function(function, timers: Timers, key: str):

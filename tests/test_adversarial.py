@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_uniapl import UniAPLConfig, UniAPLTrainer
+from trl_uniapl.adversarial_term import DISCRIMINATOR_DIR
 from trl_uniapl.demo.tiny import build_tiny_model
 from trl_uniapl.discriminator import (
     discriminator_loss_sum,
@@ -23,7 +24,7 @@ from trl_uniapl.discriminator import (
     js_estimate,
 )
 from trl_uniapl.streams import merge_streams
-from trl_uniapl.trainer import COMPLETE_MARKER, DISCRIMINATOR_DIR, _named_reward_func, check_trl_compatibility
+from trl_uniapl.trainer import COMPLETE_MARKER, _named_reward_func, check_trl_compatibility
 
 
 def constant_reward(completions, **kwargs):
@@ -104,7 +105,7 @@ def test_lambda_zero_advantages_equal_grpo_trainers_bit_for_bit(tmp_path, tiny_m
         trainer.model.train()
         torch.manual_seed(123)
         outputs.append(trainer._generate_and_score_completions(copy.deepcopy(rows)))
-    assert uniapl._discriminator_state["num_updates"] == 1, "the discriminator did not train"
+    assert uniapl.adversarial.state["num_updates"] == 1, "the discriminator did not train"
     assert torch.equal(outputs[0]["completion_ids"], outputs[1]["completion_ids"])
     assert torch.equal(outputs[0]["advantages"], outputs[1]["advantages"])
     assert outputs[0]["advantages"].abs().max() > 0
@@ -118,19 +119,19 @@ def test_logged_lambda_is_the_one_applied_and_the_dual_steps_once_per_update(
                     adversarial_coef_mode="lagrangian", adversarial_coef=0.5, adversarial_coef_lr=0.5,
                     divergence_target=0.3, discriminator_update_interval=2)  # fmt: skip
     applied = []
-    effective = trainer._effective_adversarial_coef
+    advantages = trainer.adversarial.advantages
 
-    def record():
-        applied.append(effective())
-        return applied[-1]
+    def record(mode):
+        applied.append(trainer.adversarial.coef)  # what the trainer reads just before, for this batch's advantages
+        return advantages(mode)
 
-    trainer._effective_adversarial_coef = record
+    trainer.adversarial.advantages = record
     trainer.train()
     logs = step_logs(trainer)
     assert [entry["adversarial/coef"] for entry in logs] == pytest.approx(applied)
     assert applied[0] == pytest.approx(0.5)
     # Updates at generation batches 1 and 3 (interval 2): λ moves after those only.
-    assert trainer._discriminator_state["num_updates"] == 2
+    assert trainer.adversarial.state["num_updates"] == 2
     assert applied[1] != applied[0] and applied[2] == applied[1] and applied[3] != applied[2]
 
 
@@ -143,8 +144,8 @@ def test_collapse_streak_counts_discriminator_updates(
                     discriminator_update_interval=2, discriminator_collapse_patience=5)  # fmt: skip
     corrupt_discriminator(trainer, constant=3.0)
     trainer.train()
-    assert trainer._discriminator_state["num_updates"] == 2
-    assert trainer._collapse_streak == 2
+    assert trainer.adversarial.state["num_updates"] == 2
+    assert trainer.adversarial.collapse_streak == 2
 
 
 def test_js_estimate_is_never_negative():
@@ -203,7 +204,7 @@ class GradientRecorder(TrainerCallback):
         start = (last_micro_step // window) * window
         parameters = [p for p in model.parameters() if p.requires_grad]
         nll, tokens = 0.0, 0
-        for micro_batch in trainer._sft_micro_batches["train"][start : start + window]:
+        for micro_batch in trainer.sft.micro_batches["train"][start : start + window]:
             if micro_batch["input_ids"].shape[0] == 0:
                 continue
             logits = model(input_ids=micro_batch["input_ids"], attention_mask=micro_batch["attention_mask"]).logits
@@ -213,7 +214,7 @@ class GradientRecorder(TrainerCallback):
             nll = nll - (logps.squeeze(-1) * mask).sum()
             tokens += int(mask.sum())
         self.token_counts.append(tokens)
-        intended = torch.autograd.grad(trainer.sft_coef_at(state.global_step) * nll / tokens, parameters)
+        intended = torch.autograd.grad(trainer.sft.coef_at(state.global_step) * nll / tokens, parameters)
         intended = torch.cat([grad.flatten() for grad in intended])
         actual = torch.cat([p.grad.flatten() for p in parameters])
         self.ratios.append((actual @ intended / (intended @ intended)).item())
@@ -235,9 +236,10 @@ class GradientRecorder(TrainerCallback):
 def test_sft_gradient_is_exactly_alpha_times_the_steps_token_mean_nll(
     tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, settings
 ):
+    # The SFT term reading the generation batch's demonstrations (`sft_per_device_train_batch_size=None`).
     trainer = build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, reward=constant_reward,
                     adversarial_coef=0.0, max_steps=4, max_grad_norm=0.0, demonstration_ratio=0.5,
-                    **settings)  # fmt: skip
+                    sft_per_device_train_batch_size=None, **settings)  # fmt: skip
     recorder = GradientRecorder(trainer)
     trainer.add_callback(recorder)
     trainer.train()
@@ -251,7 +253,7 @@ def test_steps_per_generation_must_be_a_multiple_of_accumulation_for_sft(
 ):
     with pytest.raises(ValueError, match="multiple of `gradient_accumulation_steps=2`"):
         build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, gradient_accumulation_steps=2,
-              steps_per_generation=1, per_device_train_batch_size=8)  # fmt: skip
+              steps_per_generation=1, per_device_train_batch_size=8, sft_per_device_train_batch_size=None)  # fmt: skip
 
 
 def test_sft_coef_zero_runs_no_expert_forward(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset):
@@ -260,10 +262,10 @@ def test_sft_coef_zero_runs_no_expert_forward(tmp_path, tiny_model_path, prefere
     def forbidden(*args, **kwargs):
         raise AssertionError("an expert forward pass ran with sft_coef=0")
 
-    trainer._sft_loss = forbidden
+    trainer.sft._nll = forbidden
     trainer.train()
-    assert trainer._sft_micro_batches == {"train": [], "eval": []}
-    assert trainer._discriminator_state["num_updates"] == 1  # the discriminator still trains
+    assert trainer.sft.micro_batches == {"train": [], "eval": []}
+    assert trainer.adversarial.state["num_updates"] == 1  # the discriminator still trains
 
 
 def test_truncation_warning_counts_each_demonstration_once(
@@ -271,7 +273,7 @@ def test_truncation_warning_counts_each_demonstration_once(
 ):
     trainer = build(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, max_steps=1,
                     max_completion_length=2, demonstration_ratio=0.5)  # fmt: skip
-    with caplog.at_level(logging.WARNING, logger="trl_uniapl.trainer"):
+    with caplog.at_level(logging.WARNING, logger="trl_uniapl.sft_term"):
         trainer.train()
     # 8 rows = 2 prompts x 4 generations, one of them a demonstration.
     assert "1 of the 1 demonstrations in this batch are longer than max_completion_length=2" in caplog.text
@@ -399,6 +401,7 @@ def test_evaluation_between_two_steps_of_one_generation_keeps_its_demonstrations
             eval_strategy="steps",
             eval_steps=1,
             per_device_eval_batch_size=8,
+            sft_per_device_train_batch_size=None,  # the generation batch's demonstrations, buffered per mode
         ),  # fmt: skip
         train_dataset=preference_dataset,
         demonstration_dataset=demonstration_dataset,
@@ -407,7 +410,7 @@ def test_evaluation_between_two_steps_of_one_generation_keeps_its_demonstrations
     trainer.train()
     logs = step_logs(trainer)
     assert len(logs) == 2 and all(math.isfinite(entry["sft/loss"]) for entry in logs)
-    assert len(trainer._sft_micro_batches["train"]) == 2 and len(trainer._sft_micro_batches["eval"]) == 1
+    assert len(trainer.sft.micro_batches["train"]) == 2 and len(trainer.sft.micro_batches["eval"]) == 1
     assert all(math.isfinite(entry["eval_sft/loss"]) for entry in trainer.state.log_history if "eval_loss" in entry)
 
 

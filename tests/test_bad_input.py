@@ -164,7 +164,10 @@ def test_config_validation(overrides):
     ratio = overrides.get("demonstration_ratio")
     batch, generations = overrides.get("per_device_train_batch_size", 8), overrides.get("num_generations", 8)
     invalid = {
-        "demonstration_ratio": ratio is not None and not 0 <= ratio <= 1,
+        "demonstration_ratio": ratio is not None
+        and not 0 <= ratio <= 1
+        # No demonstration prompt is rolled out: a Bradley-Terry discriminator has no pairs of one prompt.
+        or (ratio == 0 and overrides.get("adversarial_coef", 0.1) > 0 and overrides.get("discriminator_loss") == "bt"),
         "sft_coef": overrides.get("sft_coef", 1.0) < 0,
         "adversarial_coef": overrides.get("adversarial_coef", 0.1) < 0,
         "adversarial_reward": overrides.get("adversarial_reward", "gail") not in ("gail", "airl", "logd")
@@ -192,18 +195,20 @@ def test_config_validation(overrides):
 
 
 @pytest.mark.parametrize(
-    "ratio, with_demos, adversarial, pattern",
+    "ratio, with_demos, adversarial, extra, pattern",
     [
-        (0.5, False, 0.0, r"`demonstration_ratio=0.5` but no demonstrations"),
-        (0.0, True, 0.1, r"`demonstration_ratio=0` but \d+ demonstrations"),
-        (None, False, 0.1, r"`adversarial_coef=0.1`.*needs expert demonstrations"),
+        (0.5, False, 0.0, {}, r"`demonstration_ratio=0.5` but no demonstrations"),
+        # Rolled out never and read by no SFT batch: the demonstrations would never be used.
+        (0.0, True, 0.1, {"sft_coef": 0.0}, r"`demonstration_ratio=0` but \d+ demonstrations"),
+        (0.0, True, 0.0, {"sft_per_device_train_batch_size": None}, r"`demonstration_ratio=0` but \d+ demonstrations"),
+        (None, False, 0.1, {}, r"`adversarial_coef=0.1`.*needs expert demonstrations"),
     ],
 )
-def test_ratio_and_streams_disagree(ratio, with_demos, adversarial, pattern):
+def test_ratio_and_streams_disagree(ratio, with_demos, adversarial, extra, pattern):
     train = Dataset.from_dict({"prompt": ["a b", "c d"]})
     demo = Dataset.from_dict({"prompt": ["e f"], "completion": ["g h"]}) if with_demos else None
     args = UniAPLConfig(output_dir="/tmp/unused", use_cpu=True, bf16=False, report_to="none",
-                        demonstration_ratio=ratio, adversarial_coef=adversarial)  # fmt: skip
+                        demonstration_ratio=ratio, adversarial_coef=adversarial, **extra)  # fmt: skip
     with pytest.raises(ValueError, match=pattern):
         UniAPLTrainer(model=NOT_A_MODEL, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
                       train_dataset=train, demonstration_dataset=demo)  # fmt: skip

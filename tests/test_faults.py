@@ -60,7 +60,7 @@ def test_nonfinite_discriminator_is_contained(
 
     assert trainer.state.global_step == 2, "training did not continue"
     # The update is skipped on every step, with a warning and a counter; the discriminator keeps its weights.
-    assert trainer._discriminator_state["skipped_updates"] == 2
+    assert trainer.adversarial.state["skipped_updates"] == 2
     assert "Discriminator update skipped" in caplog.text
     logs = step_logs(trainer)
     assert [entry["discriminator/skipped_updates"] for entry in logs] == [1.0, 2.0]
@@ -105,7 +105,7 @@ def test_transient_fault_recovers(tiny_model_path, preference_dataset, demonstra
     trainer.train()
     logs = step_logs(trainer)
     assert [entry["discriminator/skipped_updates"] for entry in logs] == [0.0, 1.0, 1.0]
-    assert trainer._discriminator_state["num_updates"] == 3
+    assert trainer.adversarial.state["num_updates"] == 3
     assert any(not torch.equal(param, before[name]) for name, param in model.named_parameters())
     assert all(torch.isfinite(param).all() for param in model.parameters())
     assert math.isfinite(logs[-1]["discriminator/loss"])

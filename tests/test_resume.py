@@ -13,7 +13,8 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from trl_uniapl import UniAPLTrainer
-from trl_uniapl.trainer import COMPLETE_MARKER, DISCRIMINATOR_DIR, last_complete_checkpoint
+from trl_uniapl.adversarial_term import DISCRIMINATOR_DIR
+from trl_uniapl.trainer import COMPLETE_MARKER, last_complete_checkpoint
 
 MAX_STEPS, SAVE_STEPS = 4, 2
 TIMING_KEYS = {"step_time", "train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos"}
@@ -120,8 +121,8 @@ def test_resume_matches_uninterrupted_run(uninterrupted, tiny_model_path, tmp_pa
     assert seen == [entry for entry in reference_seen if entry[0] > SAVE_STEPS]
     assert [entry[0] for entry in seen] == list(resumed_steps)
     # The discriminator (weights and AdamW moments), λ and the policy end where the uninterrupted run ends.
-    assert trainer.adversarial_coef == pytest.approx(reference.adversarial_coef, rel=1e-9)
-    assert trainer._discriminator_state == reference._discriminator_state
+    assert trainer.adversarial.adversarial_coef == pytest.approx(reference.adversarial.adversarial_coef, rel=1e-9)
+    assert trainer.adversarial.state == reference.adversarial.state
     assert_same_discriminator(reference, trainer)
     assert_same_policy(reference, trainer)
 
@@ -133,15 +134,15 @@ def test_resume_restores_discriminator_and_lambda(uninterrupted, tiny_model_path
     _, _, output_dir = uninterrupted
     checkpoint = os.path.join(output_dir, f"checkpoint-{SAVE_STEPS}")
     trainer, _ = build(tiny_model_path, tmp_path / "reloaded")
-    assert trainer.adversarial_coef == pytest.approx(trainer.args.adversarial_coef)
+    assert trainer.adversarial.adversarial_coef == pytest.approx(trainer.args.adversarial_coef)
     trainer.create_optimizer_and_scheduler(num_training_steps=MAX_STEPS)
     trainer._load_optimizer_and_scheduler(checkpoint)
 
     with open(os.path.join(checkpoint, DISCRIMINATOR_DIR, "discriminator_state.json")) as f:
         state = json.load(f)
-    assert trainer.adversarial_coef == state["adversarial_coef"] != trainer.args.adversarial_coef
-    assert trainer._discriminator_state["num_updates"] == SAVE_STEPS
-    assert trainer._discriminator_state["last_update_step"] == state["last_update_step"]
+    assert trainer.adversarial.adversarial_coef == state["adversarial_coef"] != trainer.args.adversarial_coef
+    assert trainer.adversarial.state["num_updates"] == SAVE_STEPS
+    assert trainer.adversarial.state["last_update_step"] == state["last_update_step"]
     # The default (shared) discriminator checkpoints its LoRA adapter and score head in peft's format.
     saved = load_file(os.path.join(checkpoint, DISCRIMINATOR_DIR, "adapter_model.safetensors"))
     loaded = trainer.discriminator.model.adapter_state_dict()

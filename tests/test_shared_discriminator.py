@@ -97,7 +97,7 @@ def test_lambda_zero_run_equals_grpo_parameter_for_parameter(
     d_before = snapshot(uniapl.discriminator.model.named_parameters())
     uniapl.train()
 
-    assert uniapl._discriminator_state["num_updates"] == 2
+    assert uniapl.adversarial.state["num_updates"] == 2
     assert any(not torch.equal(p, d_before[n]) for n, p in uniapl.discriminator.model.named_parameters())
     assert [e["adversarial/coef"] for e in uniapl.state.log_history if "loss" in e] == [0.0, 0.0]
     grpo_losses = [e["loss"] for e in grpo.state.log_history if "loss" in e]
@@ -212,3 +212,39 @@ def test_separate_discriminator_still_available(tmp_path, tiny_model_path, prefe
     by_path = build(tmp_path / "path", tiny_model_path, preference_dataset, demonstration_dataset,
                     discriminator_model_name_or_path=tiny_model_path, max_steps=1)  # fmt: skip
     assert not isinstance(by_path.discriminator, SharedDiscriminator)
+
+
+def test_scoring_on_a_4bit_policy_leaves_its_lora_trainable(tiny_model_path):
+    """bitsandbytes' CPU path (AVX512-BF16) repacks a 4-bit weight, for good, into an inference-only layout the first
+    time the layer runs in eval mode without grad; no gradient reaches the layers below it after that. The
+    discriminator's no-grad, eval-mode scoring must not trigger it, or the policy's LoRA never trains again."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+    )
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path, quantization_config=quantization_config)
+    policy = get_peft_model(base, lora())
+    policy.train()
+    discriminator = SharedBackboneClassifier(policy, r=4, alpha=8, pad_token_id=0)
+    layers = [module for module in policy.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert layers
+    modes = []
+    handles = [layer.register_forward_pre_hook(lambda m, args: modes.append(m.training)) for layer in layers]
+    input_ids = torch.randint(1, 200, (2, 9))
+    discriminator.eval()
+    with torch.no_grad():
+        discriminator(input_ids)
+    for handle in handles:
+        handle.remove()
+    assert modes and all(modes), "a 4-bit layer ran in eval mode in the discriminator's no-grad pass"
+    assert not any(getattr(layer.weight.quant_state, "packing_format_for_cpu", False) for layer in layers)
+    assert policy.training and all(layer.training for layer in layers)  # the session restored the modes
+
+    policy(input_ids=input_ids, labels=input_ids).loss.backward()
+    lora_params = {name: param for name, param in policy.named_parameters() if "lora_" in name}
+    assert lora_params and all(param.grad is not None for param in lora_params.values()), [
+        name for name, param in lora_params.items() if param.grad is None
+    ]

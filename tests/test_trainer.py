@@ -229,7 +229,7 @@ def test_conversational_demonstrations_render_like_the_policy_prompt(tmp_path, t
         demonstration_dataset=demonstrations,
     )
     row = demonstrations[0]
-    (expert_ids,) = trainer._tokenize_expert_completions([row], [True], "train")
+    expert_ids, _ = trainer.sft.expert_token_ids(row)
     tokenizer = trainer.processing_class
     full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=False)
     prompt_text = tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
@@ -280,7 +280,7 @@ def test_checkpoint_restores_discriminator_optimizer_and_lambda(
     trainer.train()
     checkpoint = tmp_path / "checkpoint-2"
     assert (checkpoint / "uniapl_checkpoint_complete.json").exists()
-    saved_lambda = trainer.adversarial_coef
+    saved_lambda = trainer.adversarial.adversarial_coef
     assert saved_lambda != 0.2  # dual ascent moved it
     saved_weights = snapshot(trainer.discriminator.model)
     saved_optimizer = trainer.discriminator.optimizer.state_dict()
@@ -294,11 +294,11 @@ def test_checkpoint_restores_discriminator_optimizer_and_lambda(
         adversarial_coef_mode="lagrangian",
         adversarial_coef=0.2,
     )
-    assert resumed.adversarial_coef == 0.2
+    assert resumed.adversarial.adversarial_coef == 0.2
     resumed.create_optimizer_and_scheduler(num_training_steps=2)
     resumed._load_optimizer_and_scheduler(str(checkpoint))
-    assert resumed.adversarial_coef == pytest.approx(saved_lambda)
-    assert resumed._discriminator_state["num_updates"] == 2
+    assert resumed.adversarial.adversarial_coef == pytest.approx(saved_lambda)
+    assert resumed.adversarial.state["num_updates"] == 2
     for name, param in resumed.discriminator.model.named_parameters():
         assert torch.equal(param, saved_weights[name]), name
     loaded_optimizer = resumed.discriminator.optimizer.state_dict()
@@ -447,12 +447,12 @@ def test_sft_coef_schedules(tmp_path, tiny_model_path, demonstration_dataset):
         sft_coef_warmup_steps=2,
     )
     trainer.state.max_steps = 12
-    coefs = [trainer.sft_coef_at(step) for step in range(12)]
+    coefs = [trainer.sft.coef_at(step) for step in range(12)]
     assert coefs[0] == pytest.approx(0.5) and coefs[1] == pytest.approx(1.0)
     assert coefs[2] == pytest.approx(1.0) and coefs[-1] > 0.2 and coefs[-1] < 0.25
     assert all(a >= b for a, b in zip(coefs[1:], coefs[2:], strict=False))
     trainer.args.sft_coef_schedule = "linear"
-    assert trainer.sft_coef_at(7) == pytest.approx(0.2 + 0.8 * (1 - 5 / 10))
+    assert trainer.sft.coef_at(7) == pytest.approx(0.2 + 0.8 * (1 - 5 / 10))
 
 
 def test_plain_grpo_config_with_demonstrations_uses_uniapl_defaults(
@@ -509,7 +509,7 @@ def test_grpo_and_discriminator_options_train(
         assert math.isfinite(logs[0]["discriminator/acc_real"])
     if "discriminator_warmup_steps" in options:
         assert [entry["adversarial/coef"] for entry in logs] == [0.0, 0.1]
-        assert trainer._discriminator_state["num_updates"] == 1  # interval 2: updated at step 0 only
+        assert trainer.adversarial.state["num_updates"] == 1  # interval 2: updated at step 0 only
 
 
 def test_evaluation_with_demonstrations(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset):
@@ -525,7 +525,7 @@ def test_evaluation_with_demonstrations(tmp_path, tiny_model_path, preference_da
     evaluation = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
     assert evaluation and math.isfinite(evaluation[0]["eval_sft/loss"])
     assert math.isfinite(evaluation[0]["eval_discriminator/acc_real"])
-    assert trainer._discriminator_state["num_updates"] == 1  # evaluation never trains the discriminator
+    assert trainer.adversarial.state["num_updates"] == 1  # evaluation never trains the discriminator
 
 
 def test_streams_with_null_typed_columns_merge(tmp_path):

@@ -7,6 +7,8 @@ from typing import Any
 
 from trl import GRPOConfig
 
+from .luffy import validate_config as validate_luffy
+
 SFT_COEF_SCHEDULES = ("constant", "linear", "cosine")
 ADVERSARIAL_REWARDS = ("gail", "airl", "logd", "score")
 BCE_ONLY_ADVERSARIAL_REWARDS = ("gail", "airl", "logd")
@@ -47,6 +49,22 @@ class UniAPLConfig(GRPOConfig):
             Steps over which α rises linearly from 0 to `sft_coef` (all schedules).
         sft_coef_final (`float`, *optional*, defaults to `0.0`):
             Value α decays to at the last step with the `"linear"` and `"cosine"` schedules.
+        sft_per_device_train_batch_size (`int` or `None`, *optional*, defaults to `16`):
+            Demonstrations the SFT term reads per process at every micro-step, from a sampler of its own over the
+            demonstration set (seeded, reshuffled every epoch, sharded across processes, independent of which
+            prompts are rolled out); an optimizer step reads `sft_per_device_train_batch_size ×
+            gradient_accumulation_steps × num_processes` demonstrations. `None`: the SFT term reads only the expert
+            completions of the demonstration prompts in the generation batch (the behaviour before this option: 2
+            demonstrations per optimizer step at 4 prompts × 8 generations and `demonstration_ratio=0.5`).
+        sft_warmup_steps (`int`, *optional*, defaults to `0`):
+            First optimizer steps that are SFT only: no generation, no reward call, no GRPO loss, no discriminator
+            update, the SFT term at weight 1. Then the full objective. With `sft_coef=0` afterwards this is the
+            paper's staged SFT → A-GRPO in one run; with `sft_coef > 0`, CHORD's SFT warm-up. Not to be confused with
+            `sft_coef_warmup_steps` (a ramp of α). Needs `sft_per_device_train_batch_size`.
+        sft_warmup_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            Constant learning rate of the SFT-only warm-up (`None`: `learning_rate`). With a warm-up, the configured
+            schedule (`lr_scheduler_type`, `warmup_steps` / `warmup_ratio`) runs over the policy steps after it, as
+            for an SFT run followed by a GRPO run.
 
         > Parameters that control the adversarial reward λ·r_adv
 
@@ -119,6 +137,9 @@ class UniAPLConfig(GRPOConfig):
             the discriminator iterate that gives it changes (the one before this update instead of after it). The
             update's forward runs in train mode, so a discriminator with dropout scores with dropout on this path.
             `False` scores every row in eval mode after the update (one more forward pass over the batch).
+        discriminator_freeze_after_updates (`int` or `None`, *optional*, defaults to `None`):
+            Train the online discriminator for its first N updates, then freeze it: it keeps scoring, with no more
+            updates (a fixed discriminator, everything else equal). `None`: it trains throughout.
         discriminator_collapse_patience (`int`, *optional*, defaults to `20`):
             Number of consecutive discriminator updates whose balanced accuracy (`"bce"`) or pairwise accuracy
             (`"bt"`) is ≥ 0.99 (it wins outright) or within 0.02 of 0.5 (it learns nothing) after which a collapse
@@ -140,16 +161,54 @@ class UniAPLConfig(GRPOConfig):
         discriminator_lora_alpha (`float`, *optional*, defaults to `32.0`):
             LoRA alpha of that adapter (scaling alpha / r).
 
+        > Parameters that control the fixed reference-conditioned discriminator (the paper's published design)
+
+        reference_scorer (`str` or `None`, *optional*, defaults to `None`):
+            A FIXED scorer instead of the online discriminator: it scores each rollout of a demonstration prompt by its
+            consistency with that prompt's expert completion (the paper's modified POLAR model). `"ngram_f1"`
+            (character 3-gram F1, no model), a dotted import path to a callable `(prompts, references, completions,
+            **kwargs) -> list[float]`, or a local folder / Hub name of a POLAR-style
+            `AutoModelForSequenceClassification` (`num_labels=1`), loaded frozen with the policy's quantization. A_adv
+            is its score centred per group and scaled over the batch; λ is `adversarial_coef` (`"fixed"` mode only);
+            rows without a reference (preference prompts) get A_adv = 0. The trainer's `reference_scorer=` argument
+            (a callable) takes precedence. `None`: the online discriminator.
+        reference_scorer_template (`str` or `None`, *optional*, defaults to `None`):
+            Text template joining `{prompt}`, `{reference}` and `{completion}` for a model scorer. `None`:
+            [`~trl_uniapl.reference_scorers.DEFAULT_REFERENCE_TEMPLATE`].
+        reference_scorer_init_kwargs (`dict` or `None`, *optional*, defaults to `None`):
+            `from_pretrained` keyword arguments of a model scorer (dict or JSON string).
+
         > Parameters that control the data streams
 
         demonstration_ratio (`float` or `None`, *optional*, defaults to `None`):
-            Share of the prompts of every generation batch that come from demonstrations. `None` means 0.5 when the
-            demonstrations come as a separate `demonstration_dataset`, and their natural share when they are mixed
-            into `train_dataset`. Whenever both kinds exist and the ratio is strictly between 0 and 1, every
-            generation batch holds at least one prompt of each kind.
+            Share of the prompts of every generation batch that come from demonstrations (rolled out like any prompt,
+            for the discriminator and the task reward). `None` means 0.5 when the demonstrations come as a separate
+            `demonstration_dataset`, and their natural share when they are mixed into `train_dataset`. Whenever both
+            kinds exist and the ratio is strictly between 0 and 1, every generation batch holds at least one prompt
+            of each kind. `0` rolls out preference prompts only (needs `sft_per_device_train_batch_size`): the
+            discriminator then trains on the SFT batch's expert completions (real) against the preference rollouts
+            (fake), which `discriminator_loss="bce"` allows and `"bt"` (pairs of one prompt) does not.
+
+        > Parameters that control LUFFY, the expert's completion inside the GRPO group (arXiv 2504.14945; see
+        > `trl_uniapl/luffy.py`)
+
+        expert_in_group (`bool`, *optional*, defaults to `False`):
+            On every demonstration prompt of a training batch, put the expert's completion (tokenized as for the SFT
+            term: ending in eos, truncated to `max_completion_length`) in place of the LAST of the `num_generations`
+            rollouts of that prompt's group. The task rewards score it like any completion and it enters its group's
+            advantage normalisation; its tokens get LUFFY's off-policy gradient −A·∇f(π_θ) (ratio π_θ/π_φ with
+            π_φ = 1, shaped by f, never clipped), normalised as TRL normalises any token of `loss_type`. The
+            discriminator does not count it as a policy sample (no fake sample, A_adv = 0). Needs demonstrations,
+            `num_generations` >= 2 and `demonstration_ratio` > 0; refused with tools, `environment_factory`,
+            `rollout_func`, `loss_type='cispo'` with `epsilon_high` < 1 and `delta` <= 1. Evaluation batches are
+            unchanged.
+        expert_shaping_gamma (`float` or `None`, *optional*, defaults to `0.1`):
+            γ of LUFFY's policy-shaping function f(x) = x/(x + γ) applied to the expert tokens' ratio π_θ, which
+            weighs up the gradient of low-probability expert tokens. `None` disables shaping (f(x) = x, the plain
+            ratio π_θ).
     """
 
-    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["discriminator_init_kwargs"]
+    _VALID_DICT_FIELDS = GRPOConfig._VALID_DICT_FIELDS + ["discriminator_init_kwargs", "reference_scorer_init_kwargs"]
 
     # SFT term
     sft_coef: float = field(
@@ -168,6 +227,28 @@ class UniAPLConfig(GRPOConfig):
     )
     sft_coef_final: float = field(
         default=0.0, metadata={"help": "Value alpha decays to at the last step ('linear' and 'cosine' schedules)."}
+    )
+    sft_per_device_train_batch_size: int | None = field(
+        default=16,
+        metadata={
+            "help": "Demonstrations the SFT term reads per process and micro-step, from a sampler of its own over the "
+            "demonstrations (an optimizer step reads this x gradient_accumulation_steps x processes). None: only the "
+            "expert completions of the demonstration prompts in the generation batch."
+        },
+    )
+    sft_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "First optimizer steps that are SFT only (no generation, reward, GRPO loss or discriminator). "
+            "With sft_coef=0 after them: the staged SFT -> A-GRPO in one run."
+        },
+    )
+    sft_warmup_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Constant learning rate of the SFT-only warm-up (None: learning_rate); the configured schedule "
+            "then runs over the policy steps."
+        },
     )
 
     # Adversarial term
@@ -250,6 +331,10 @@ class UniAPLConfig(GRPOConfig):
             "implementations), instead of a second pass after the update. False: score every row after the update."
         },
     )
+    discriminator_freeze_after_updates: int | None = field(
+        default=None,
+        metadata={"help": "Freeze the online discriminator after this many updates (it keeps scoring). None: never."},
+    )
     discriminator_collapse_patience: int = field(
         default=20, metadata={"help": "Consecutive degenerate discriminator updates before a collapse warning."}
     )
@@ -271,6 +356,24 @@ class UniAPLConfig(GRPOConfig):
         default=32.0, metadata={"help": "LoRA alpha of the shared discriminator's adapter (without a peft config)."}
     )
 
+    # Fixed reference-conditioned discriminator
+    reference_scorer: str | None = field(
+        default=None,
+        metadata={
+            "help": "A fixed reference-conditioned scorer instead of the online discriminator: 'ngram_f1', a dotted "
+            "path to a callable (prompts, references, completions) -> scores, or a POLAR-style sequence classifier "
+            "(folder or Hub name). None: the online discriminator."
+        },
+    )
+    reference_scorer_template: str | None = field(
+        default=None,
+        metadata={"help": "Template with {prompt}, {reference} and {completion} for a model reference scorer."},
+    )
+    reference_scorer_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments (dict or JSON string) for the model reference scorer's from_pretrained."},
+    )
+
     # Streams
     demonstration_ratio: float | None = field(
         default=None,
@@ -280,16 +383,36 @@ class UniAPLConfig(GRPOConfig):
         },
     )
 
+    # ---------------------------------------------------------------------------------------------------------------
+    # LUFFY: the expert's completion inside its prompt's GRPO group (arXiv 2504.14945). Logic in trl_uniapl/luffy.py.
+    # ---------------------------------------------------------------------------------------------------------------
+    expert_in_group: bool = field(
+        default=False,
+        metadata={
+            "help": "LUFFY: on each demonstration prompt, the expert's completion replaces the last of its group's "
+            "`num_generations` rollouts; it is rewarded and normalised with its group, and its tokens get the "
+            "off-policy gradient -A * grad f(pi_theta) (no clipping)."
+        },
+    )
+    expert_shaping_gamma: float | None = field(
+        default=0.1,
+        metadata={
+            "help": "LUFFY: gamma of the policy shaping f(x) = x / (x + gamma) of the expert tokens' ratio pi_theta. "
+            "None: no shaping (plain ratio)."
+        },
+    )
+
     def __post_init__(self):
         # TrainingArguments parses JSON-string dict fields with a bare JSONDecodeError; name the field instead.
-        if isinstance(self.discriminator_init_kwargs, str):
-            try:
-                json.loads(self.discriminator_init_kwargs)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"`discriminator_init_kwargs` is not valid JSON ({error}): {self.discriminator_init_kwargs!r}. "
-                    'Example: \'{"dtype": "bfloat16"}\'.'
-                ) from error
+        for name in ("discriminator_init_kwargs", "reference_scorer_init_kwargs"):
+            if isinstance(getattr(self, name), str):
+                try:
+                    json.loads(getattr(self, name))
+                except json.JSONDecodeError as error:
+                    raise ValueError(
+                        f"`{name}` is not valid JSON ({error}): {getattr(self, name)!r}. "
+                        'Example: \'{"dtype": "bfloat16"}\'.'
+                    ) from error
         super().__post_init__()
 
         def check_choice(name: str, choices: tuple[str, ...]) -> None:
@@ -308,7 +431,7 @@ class UniAPLConfig(GRPOConfig):
         for name in ("sft_coef", "sft_coef_final", "adversarial_coef", "adversarial_coef_lr"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}. Use 0 to disable the term.")
-        for name in ("sft_coef_warmup_steps", "discriminator_warmup_steps"):
+        for name in ("sft_coef_warmup_steps", "discriminator_warmup_steps", "sft_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
         for name in ("discriminator_update_interval", "discriminator_steps", "discriminator_collapse_patience"):
@@ -366,6 +489,47 @@ class UniAPLConfig(GRPOConfig):
                 "`discriminator_init_kwargs` must be a dict or a JSON object string, got "
                 f"{type(self.discriminator_init_kwargs).__name__}."
             )
+        if self.sft_per_device_train_batch_size is not None and self.sft_per_device_train_batch_size < 1:
+            raise ValueError(
+                f"`sft_per_device_train_batch_size` must be >= 1, got {self.sft_per_device_train_batch_size}. Use "
+                "None to read only the demonstrations of the generation batch, or `sft_coef=0` for no SFT term."
+            )
+        if self.sft_warmup_steps > 0 and self.sft_per_device_train_batch_size is None:
+            raise ValueError(
+                f"`sft_warmup_steps={self.sft_warmup_steps}` trains on the SFT term's own batch, but "
+                "`sft_per_device_train_batch_size=None` reads demonstrations only from generation batches, which the "
+                "warm-up does not make. Set `sft_per_device_train_batch_size` (e.g. 16)."
+            )
+        if self.sft_warmup_learning_rate is not None and self.sft_warmup_learning_rate <= 0:
+            raise ValueError(
+                f"`sft_warmup_learning_rate` must be > 0 or None (`learning_rate`), got "
+                f"{self.sft_warmup_learning_rate}."
+            )
+        if self.discriminator_freeze_after_updates is not None and self.discriminator_freeze_after_updates < 0:
+            raise ValueError(
+                "`discriminator_freeze_after_updates` must be >= 0 or None (never frozen), got "
+                f"{self.discriminator_freeze_after_updates}."
+            )
+        if self.demonstration_ratio == 0.0 and self.uses_discriminator:
+            if self.discriminator_loss == "bt":
+                raise ValueError(
+                    "`demonstration_ratio=0` rolls out no demonstration prompt, so the discriminator's real samples "
+                    "come from the SFT batch, on other prompts than its fake samples; `discriminator_loss='bt'` "
+                    "compares an expert and a policy completion of one prompt. Use `discriminator_loss='bce'`, or "
+                    "set `demonstration_ratio` > 0."
+                )
+            if self.adversarial_reward_scope == "demonstrations":
+                raise ValueError(
+                    "`adversarial_reward_scope='demonstrations'` rewards only the rollouts of demonstration prompts, "
+                    "but `demonstration_ratio=0` rolls out none: the adversarial term would be zero. Use "
+                    "`adversarial_reward_scope='all'` or set `demonstration_ratio` > 0."
+                )
+            if self.sft_per_device_train_batch_size is None:
+                raise ValueError(
+                    "`demonstration_ratio=0` with a discriminator takes its real samples from the SFT term's own "
+                    "batch, but `sft_per_device_train_batch_size=None`. Set it (e.g. 16), or set "
+                    "`demonstration_ratio` > 0."
+                )
         # Discriminator model
         if self.discriminator_type is not None and self.discriminator_type not in DISCRIMINATOR_TYPES:
             raise ValueError(
@@ -383,6 +547,20 @@ class UniAPLConfig(GRPOConfig):
                 f"`discriminator_lora_r` must be >= 1 and `discriminator_lora_alpha` > 0, got "
                 f"{self.discriminator_lora_r} and {self.discriminator_lora_alpha}."
             )
+
+        if self.reference_scorer is not None:
+            if self.adversarial_coef_mode == "lagrangian":
+                raise ValueError(
+                    "`adversarial_coef_mode='lagrangian'` follows the online discriminator's Jensen-Shannon estimate; "
+                    f"a fixed `reference_scorer` ({self.reference_scorer!r}) has none. Use "
+                    "`adversarial_coef_mode='fixed'`."
+                )
+            if self.demonstration_ratio == 0.0:
+                raise ValueError(
+                    "`reference_scorer` scores the rollouts of demonstration prompts against their expert completion, "
+                    "but `demonstration_ratio=0` rolls out none. Set `demonstration_ratio` > 0 (or None)."
+                )
+        validate_luffy(self)  # LUFFY (trl_uniapl/luffy.py)
 
     @classmethod
     def from_grpo_config(cls, args: GRPOConfig, **uniapl_fields: Any) -> "UniAPLConfig":

@@ -15,7 +15,7 @@ so a policy pass (generation, loss, reference) runs exactly the policy's modules
 - every policy parameter is frozen (`requires_grad=False`) and restored afterwards, so the discriminator's backward
   never writes a gradient into the policy and no DDP hook fires;
 - nothing here touches the random stream: the trainer runs every discriminator pass on a forked RNG of its own
-  (`UniAPLTrainer._discriminator_rng`, seeded per generation batch), so the discriminator's dropout (if any) never
+  (`AdversarialTerm._rng`, seeded per generation batch), so the discriminator's dropout (if any) never
   consumes the policy's random stream, and a resumed run draws the same masks without any saved RNG state.
 
 With a fully fine-tuned policy the backbone is the policy's current weights (they move as the policy trains; the
@@ -31,6 +31,7 @@ import copy
 import math
 import os
 import re
+import sys
 from typing import Any
 
 import torch
@@ -56,6 +57,11 @@ def _is_peft_model(model: nn.Module) -> bool:
 def _is_linear(module: nn.Module) -> bool:
     # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so 4-bit bases are covered too.
     return isinstance(module, nn.Linear)
+
+
+def _is_linear4bit(module: nn.Module) -> bool:
+    bnb = sys.modules.get("bitsandbytes")  # a 4-bit layer exists only once bitsandbytes is imported
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
 
 
 def _target_matches(name: str, target_modules: Any) -> bool:
@@ -164,6 +170,7 @@ class SharedBackboneClassifier(nn.Module):
                 "module names (e.g. target_modules='all-linear')."
             )
         self.lora = nn.ModuleDict(deltas)
+        self._linear4bit_layers = tuple(module for module in backbone.modules() if _is_linear4bit(module))
         self.score = nn.Linear(backbone.config.hidden_size, 1, bias=False)
         nn.init.normal_(self.score.weight, std=getattr(backbone.config, "initializer_range", 0.02))
         self.score.to(next(backbone.parameters()).device)
@@ -238,6 +245,11 @@ class SharedBackboneClassifier(nn.Module):
             backbone = self.backbone_module
             if backbone.training != self.training:
                 backbone.train(self.training)  # the session restores every module's mode on exit
+            for layer in self._linear4bit_layers:
+                # bitsandbytes' CPU path repacks a 4-bit weight, for good, into an inference-only layout the first
+                # time the layer runs in eval mode without grad; no gradient flows through it after that, so the
+                # policy's LoRA would never train again. The layer's mode changes nothing else: D keeps it in train.
+                layer.training = True
             hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         # Last token that is not padding, as transformers' sequence classifiers read it.
         if self.pad_token_id is None:

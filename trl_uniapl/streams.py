@@ -6,6 +6,7 @@ here both become one map-style dataset (`datasets.concatenate_datasets`) and a s
 demonstration prompts into every generation batch.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -357,3 +358,91 @@ class MixedRepeatSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_batches * self.batch_size * self.mini_repeat_count * self.repeat_count
+
+
+class DemonstrationBatches:
+    """
+    The SFT term's own stream: which demonstrations each micro-step reads, on each process.
+
+    Epoch `e` is a permutation of the demonstrations drawn from `seed + e` (or their order, without `shuffle`); its
+    consecutive blocks of `batch_size × num_processes` demonstrations are the micro-steps' global batches, and
+    process `r` reads the `r`-th slice of `batch_size` of each block, so no demonstration is on two processes in one
+    micro-step.
+    The demonstrations left over at the end of an epoch (fewer than a block) wait for the next epoch's permutation;
+    with fewer demonstrations than one block, the blocks run on over the epochs' permutations (a warning says so).
+
+    The position is the number of micro-steps read so far, which the trainer derives from its optimizer step: the
+    batches depend on nothing else, so a run resumed from a checkpoint reads what the uninterrupted run read, mid-epoch
+    included, and every process can compute every other process's batch (the SFT term's exact normaliser needs no
+    communication).
+    """
+
+    def __init__(
+        self, demonstration_indices: list[int], batch_size: int, num_processes: int, seed: int, shuffle: bool = True
+    ):
+        self.demonstration_indices = list(demonstration_indices)
+        self.batch_size = batch_size
+        self.num_processes = num_processes
+        self.seed = seed
+        self.shuffle = shuffle
+        self.block_size = batch_size * num_processes
+        num_demonstrations = len(self.demonstration_indices)
+        # With at least one block per epoch, the left-over demonstrations of an epoch wait for the next one, so a block
+        # never holds a demonstration twice; with fewer demonstrations than a block, blocks run over the epochs.
+        self.blocks_per_epoch = num_demonstrations // self.block_size
+        if self.blocks_per_epoch == 0:
+            logger.warning(
+                "The SFT batch (%d demonstrations per micro-step over all processes) is larger than the %d "
+                "demonstrations: each micro-step reads some of them more than once. Lower "
+                "`sft_per_device_train_batch_size` to read each at most once per micro-step.",
+                self.block_size,
+                num_demonstrations,
+            )
+        self._epoch_order: tuple[int, list[int]] | None = None
+
+    def _order(self, epoch: int) -> list[int]:
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            if self.shuffle:
+                generator = torch.Generator().manual_seed(self.seed + epoch)
+                permutation = torch.randperm(len(self.demonstration_indices), generator=generator).tolist()
+            else:
+                permutation = range(len(self.demonstration_indices))
+            self._epoch_order = (epoch, [self.demonstration_indices[i] for i in permutation])
+        return self._epoch_order[1]
+
+    def epoch_of(self, micro_step: int) -> int:
+        """The epoch (pass over the demonstrations) that micro-step `micro_step` reads from (its first row's)."""
+        if self.blocks_per_epoch == 0:
+            return micro_step * self.block_size // len(self.demonstration_indices)
+        return micro_step // self.blocks_per_epoch
+
+    def indices(self, micro_step: int, process_index: int) -> list[int]:
+        """Dataset indices of the demonstrations that `process_index` reads at micro-step `micro_step` (0-based)."""
+        if self.blocks_per_epoch == 0:
+            num_demonstrations = len(self.demonstration_indices)
+            start = micro_step * self.block_size + process_index * self.batch_size
+            positions = [divmod(position, num_demonstrations) for position in range(start, start + self.batch_size)]
+            return [self._order(epoch)[offset] for epoch, offset in positions]
+        epoch, block = divmod(micro_step, self.blocks_per_epoch)
+        start = block * self.block_size + process_index * self.batch_size
+        return self._order(epoch)[start : start + self.batch_size]
+
+
+@dataclasses.dataclass
+class GenerationBatch:
+    """What the hooks of one generation batch hand to each other, for this process's rows.
+
+    Filled in order: `_generate_and_score_completions` (which rows are demonstrations, their expert completions), then
+    `_generate` (the prompts' token ids exactly as the policy saw them), then `_calculate_rewards` (the prompts and
+    completions the reward functions saw), then the adversarial rewards.
+    """
+
+    is_demonstration: list[bool] = dataclasses.field(default_factory=list)
+    expert_completions: list[Any] = dataclasses.field(default_factory=list)
+    expert_ids: list[list[int] | None] = dataclasses.field(default_factory=list)
+    prompt_ids: list[list[int]] = dataclasses.field(default_factory=list)
+    prompts: list[Any] = dataclasses.field(default_factory=list)
+    completions: list[Any] = dataclasses.field(default_factory=list)
+    completion_ids: list[list[int]] = dataclasses.field(default_factory=list)
+    adversarial_rewards: torch.Tensor | None = None  # NaN where a row is not scored
+    adversarial_advantages: torch.Tensor | None = None

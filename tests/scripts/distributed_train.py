@@ -74,7 +74,7 @@ def main(model_path: str, out_dir: str, max_steps: int = 3) -> None:
         demonstration_dataset=demonstrations,
     )
     adversarial = []  # per generation batch: this rank's r_adv and A_adv
-    adversarial_advantages = trainer._adversarial_advantages
+    adversarial_advantages = trainer.adversarial.advantages
 
     def recorded_adversarial_advantages(mode):
         advantages = adversarial_advantages(mode)
@@ -82,7 +82,7 @@ def main(model_path: str, out_dir: str, max_steps: int = 3) -> None:
         adversarial.append({"rewards": rewards.tolist(), "advantages": advantages.tolist()})
         return advantages
 
-    trainer._adversarial_advantages = recorded_adversarial_advantages
+    trainer.adversarial.advantages = recorded_adversarial_advantages
     discriminator_before, _ = params_digest(trainer.discriminator.model)
     policy_before, _ = params_digest(trainer.accelerator.unwrap_model(trainer.model))
     trainer.train()
@@ -100,7 +100,7 @@ def main(model_path: str, out_dir: str, max_steps: int = 3) -> None:
         "discriminator_hash": discriminator_hash,
         "discriminator_sum": discriminator_sum,
         "discriminator_changed": discriminator_hash != discriminator_before,
-        "adversarial_coef": trainer.adversarial_coef,
+        "adversarial_coef": trainer.adversarial.adversarial_coef,
         "batches": batches,
         "adversarial": adversarial,
         "num_generations": trainer.num_generations,

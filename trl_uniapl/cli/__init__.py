@@ -6,21 +6,36 @@
 - [`plots`]: the demo's figures.
 """
 
-from .data import (
-    EMBEDDED_DATASET,
-    REWARD_FUNCS,
-    STUDENT_MODEL,
-    UserError,
-    check_model_path,
-    load_any_dataset,
-    looks_like_local_path,
-    resolve_reward_func,
-)
-from .demo import DemoArguments, demo_config, find_demo_output, run_demo
-from .evaluate import EvaluateArguments, run_evaluate
-from .main import KNOWN_NOISE_LOGS, join_negative_values, main, run, silence_known_noise
-from .plots import plot_distributions, plot_training_curves
-from .train import TrainScriptArguments, make_train_parser, parse_resume, run_training
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "DemoArguments": "demo",
+    "EMBEDDED_DATASET": "data",
+    "EvaluateArguments": "evaluate",
+    "KNOWN_NOISE_LOGS": "main",
+    "REWARD_FUNCS": "data",
+    "STUDENT_MODEL": "data",
+    "TrainScriptArguments": "train",
+    "UserError": "data",
+    "check_model_path": "data",
+    "demo_config": "demo",
+    "find_demo_output": "demo",
+    "join_negative_values": "main",
+    "load_any_dataset": "data",
+    "looks_like_local_path": "data",
+    "main": "main",
+    "make_train_parser": "train",
+    "parse_resume": "train",
+    "plot_distributions": "plots",
+    "plot_training_curves": "plots",
+    "resolve_reward_func": "data",
+    "run": "main",
+    "run_demo": "demo",
+    "run_evaluate": "evaluate",
+    "run_training": "train",
+    "silence_known_noise": "main",
+}
 
 __all__ = [
     "EMBEDDED_DATASET",
@@ -49,3 +64,13 @@ __all__ = [
     "run_training",
     "silence_known_noise",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: `trl-uniapl` hides a notice that bitsandbytes logs when it is imported (by transformers'
+    # trainer utilities), which it can only do before anything imports it.
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,14 +22,32 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .data import EXPECTED_ERRORS, file_not_found
-from .demo import demo_main
-from .evaluate import evaluate_main
-from .train import train_main
+
+
+def _command(module: str, function: str) -> Callable[[Sequence[str] | None], Any]:
+    """A subcommand imported when it runs, after `main` has silenced the known noise of the libraries it imports."""
+
+    def command(argv: Sequence[str] | None) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(f".{module}", __package__), function)(argv)
+
+    return command
+
 
 COMMANDS: dict[str, tuple[Callable[[Sequence[str] | None], Any], str]] = {
-    "train": (train_main, "Train with UniAPL (UniAPLConfig + ModelConfig + dataset and reward arguments)."),
-    "demo": (demo_main, "Run the embedded instruction-following task end to end on CPU, with plots and a report."),
-    "evaluate": (evaluate_main, "IFEval metrics of a model on a dataset (default: the embedded held-out split)."),
+    "train": (
+        _command("train", "train_main"),
+        "Train with UniAPL (UniAPLConfig + ModelConfig + dataset and reward arguments).",
+    ),
+    "demo": (
+        _command("demo", "demo_main"),
+        "Run the embedded instruction-following task end to end on CPU, with plots and a report.",
+    ),
+    "evaluate": (
+        _command("evaluate", "evaluate_main"),
+        "IFEval metrics of a model on a dataset (default: the embedded held-out split).",
+    ),
 }
 
 

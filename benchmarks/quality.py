@@ -1,4 +1,4 @@
-"""Quality benchmark: SFT, GRPO, SFT → GRPO, UniAPL and two ablations, each tuned on validation, then scored on test.
+"""Quality benchmark: SFT, GRPO, staged and one-stage mixes, each tuned on validation, then scored on test.
 
 The protocol (`quality_protocol.py`), per regime:
 
@@ -9,27 +9,34 @@ The protocol (`quality_protocol.py`), per regime:
 4. the report gives means with 95% bootstrap confidence intervals over seeds and prompts, and paired differences
    against UniAPL (same seeds, same prompts).
 
-Every method starts from the same cached student (`trl_uniapl.demo.student.build_student`), trains for the same
-number of optimizer steps with AdamW and linear decay, and the methods that use demonstrations see the same number of
-them:
+Every method starts from the same cached student (`trl_uniapl.demo.student.build_student`) and trains for the same
+number of optimizer steps with AdamW and linear decay. Every step that reads demonstrations reads the same number of
+them, `sft_batch_size` (16): TRL's `SFTTrainer` batch, and UniAPL's decoupled SFT batch
+(`sft_per_device_train_batch_size`). Equal optimizer steps and equal demonstrations per step are the primary
+comparison; each run's JSON records the demonstrations it read, the completions it sampled and its seconds beside it.
 
-- `sft`: TRL `SFTTrainer`, `demonstrations_per_step` demonstrations per step (as many as each UniAPL step's SFT term);
+- `sft`: TRL `SFTTrainer`, `sft_batch_size` demonstrations per step;
 - `grpo`: TRL `GRPOTrainer` on the preference prompts and the demonstrations' prompts;
-- `sft_then_grpo`: `SFTTrainer` for `sft_fraction` of the steps at `sft_learning_rate`, with enough demonstrations per
-  step to see as many as the others in total, then `GRPOTrainer` for the rest at `learning_rate`;
-- `uniapl`: `UniAPLTrainer` (SFT term and discriminator); `uniapl_no_disc`: `adversarial_coef=0`; `uniapl_no_sft`:
-  `sft_coef=0`.
+- `sft_then_grpo`: the usual two-stage pipeline, two TRL trainers: `SFTTrainer` for `sft_fraction` of the steps at
+  `sft_learning_rate` (`sft_batch_size` per step), then `GRPOTrainer` from its weights, with a fresh optimizer, at
+  `learning_rate` for the rest;
+- `sft_then_agrpo`: the paper's staged SFT → A-GRPO in ONE `UniAPLTrainer` run: `sft_warmup_steps` (the same SFT
+  steps, constant `sft_warmup_learning_rate`), then `sft_coef=0` with the online discriminator (λ > 0);
+- `uniapl`: `UniAPLTrainer`, one stage: SFT term (α) and online discriminator (λ);
+- `uniapl_no_disc`: the same with `adversarial_coef=0` (CHORD-like: GRPO + α·SFT);
+- `uniapl_fixed_ref`: the same with the paper's FIXED reference-conditioned scorer instead of the online
+  discriminator (`reference_scorer`: the embedded task's learned scorer, `build_reference_scorer()`);
+- `luffy`: `expert_in_group=True` (the expert's completion in each demonstration prompt's GRPO group), no SFT term,
+  no discriminator.
 
-Sampling methods draw `num_generations` = 8 completions per prompt, with the same generation batch. Each run's JSON
-records its samples, demonstrations seen and seconds. Runs are written one file each as they finish; rerunning the
-same command skips them, so a killed session loses at most the run in progress.
+Sampling methods draw `num_generations` = 8 completions per prompt, with the same generation batch. Runs are written
+one file each as they finish; rerunning the same command skips them, so a killed session loses at most the run in
+progress.
 
     python benchmarks/quality.py --regime default                  # 256 demonstrations, 512 prompts, dense reward
     python benchmarks/quality.py --regime scarce                   # 48 demonstrations, 1,024 prompts
     python benchmarks/quality.py --regime sparse                   # all-or-nothing IFEval reward
-    python benchmarks/quality.py --regime lambda_sweep --base sparse   # λ values and the Lagrangian mode
-    python benchmarks/quality.py --regime discriminator_types --base default   # shared vs full-copy discriminator
-    python benchmarks/quality.py --regime alpha_sweep --base default   # weaker SFT terms (sft_coef 0.1, 0.3)
+    python benchmarks/quality.py --regime lambda_sweep --base default   # λ values and the Lagrangian mode
     python benchmarks/quality.py --regime default --report         # quality.json/.md from what is finished
     python benchmarks/quality.py --regime default --jobs 2         # the runs in 2 processes side by side
     python benchmarks/quality.py --quick                           # a few minutes, pipeline check only
@@ -38,7 +45,6 @@ same command skips them, so a killed session loses at most the run in progress.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import subprocess
@@ -71,22 +77,29 @@ CONSTANT_REPLY = (
 )
 
 FULL = {
-    # Budget: optimizer steps per run (every method). Set by timing, see docs/benchmarks.md ("Budget").
-    "steps": 60,
+    # Budget: optimizer steps per run (every method), chosen by the learning-curve probe on the validation split
+    # (benchmarks/learning_curve.py, docs/benchmarks.md "Budget").
+    "steps": 200,
     # 4 prompts x 8 generations: the GRPO group size people use, for every sampling method.
     "per_device_train_batch_size": 32,
     "num_generations": 8,
     "max_completion_length": 48,
+    # Demonstrations per optimizer step of every step that reads them: SFTTrainer's batch, UniAPL's decoupled SFT
+    # batch (sft_per_device_train_batch_size, its default), the SFT phase of the staged methods.
+    "sft_batch_size": 16,
     # Defaults of the tuned knobs; each grid point overrides the ones it tunes.
-    "learning_rate": 3e-3,
-    "sft_learning_rate": 3e-3,
+    "learning_rate": 1e-3,
+    "sft_learning_rate": 2e-3,
     "adversarial_coef": 0.1,
-    "discriminator_type": "shared",  # or "full_copy": the previous default
+    "discriminator_type": "shared",
     "adversarial_coef_mode": "fixed",
-    "sft_coef": 1.0,
-    # Fixed a priori for every UniAPL variant: the default 1e-5 barely moves a fresh discriminator in a few hundred
-    # steps (docs/benchmarks.md).
+    "sft_coef": 0.1,
+    # Fixed a priori for every online-discriminator variant: the default 1e-5 barely moves a fresh discriminator in a
+    # few hundred steps.
     "discriminator_learning_rate": 1e-3,
+    # uniapl_fixed_ref's scorer: "embedded" (the learned one, `build_reference_scorer()`) or any `reference_scorer`.
+    "reference_scorer": "embedded",
+    # Share of the steps the staged methods spend in their SFT phase.
     "sft_fraction": 0.5,
     "num_validation": 200,
     "num_test": 400,
@@ -99,6 +112,8 @@ QUICK = {
     **FULL,
     "steps": 2,
     "per_device_train_batch_size": 16,  # 2 prompts x 8 generations: the group size stays 8
+    "sft_batch_size": 4,
+    "reference_scorer": "ngram_f1",  # no scorer to train: the pipeline check stays fast
     "max_completion_length": 16,
     "num_validation": 16,
     "num_test": 16,
@@ -148,13 +163,23 @@ def _grpo_args(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def demonstrations_per_step(settings: dict[str, Any]) -> int:
-    """Demonstrations in each UniAPL step's SFT term: half the prompts of a generation batch (the default ratio)."""
+    """Demonstrations each step that reads them reads: SFTTrainer's batch and UniAPL's decoupled SFT batch."""
+    return settings["sft_batch_size"]
+
+
+def demonstration_prompts_per_batch(settings: dict[str, Any]) -> int:
+    """Demonstration prompts rolled out per generation batch at UniAPL's default `demonstration_ratio` 0.5."""
     prompts = settings["per_device_train_batch_size"] // settings["num_generations"]
     return min(max(round(0.5 * prompts), 1), prompts - 1)
 
 
+def sft_phase_steps(settings: dict[str, Any]) -> int:
+    """Optimizer steps of the staged methods' SFT phase: `sft_fraction` of the steps, at least one of each phase."""
+    return min(max(1, round(settings["sft_fraction"] * settings["steps"])), settings["steps"] - 1)
+
+
 def budget(method: str, settings: dict[str, Any]) -> dict[str, int]:
-    """Optimizer steps, demonstrations seen, SFT phase shape and sampled completions of one run of `method`."""
+    """Optimizer steps, demonstrations read and sampled completions of one run of `method` (SFT phase shape too)."""
     steps, per_step = settings["steps"], demonstrations_per_step(settings)
     batch = settings["per_device_train_batch_size"]
     kind = protocol.method_kind(method)
@@ -162,25 +187,25 @@ def budget(method: str, settings: dict[str, Any]) -> dict[str, int]:
         return {"optimizer_steps": steps, "demonstrations_seen": steps * per_step, "samples": 0}
     if kind == "grpo":
         return {"optimizer_steps": steps, "demonstrations_seen": 0, "samples": steps * batch}
-    if kind == "sft_then_grpo":
-        # The SFT phase is shorter, so it takes more demonstrations per step: equal demonstrations seen in total.
-        sft_steps = min(max(1, round(settings["sft_fraction"] * steps)), steps - 1)
-        sft_batch = math.ceil(steps * per_step / sft_steps)
+    if kind in ("sft_then_grpo", "sft_then_agrpo"):
+        sft_steps = sft_phase_steps(settings)
         return {
             "optimizer_steps": steps,
             "sft_steps": sft_steps,
-            "sft_batch": sft_batch,
-            "demonstrations_seen": sft_steps * sft_batch,
+            "demonstrations_seen": sft_steps * per_step,
             "samples": (steps - sft_steps) * batch,
         }
-    if kind in ("uniapl", "uniapl_no_disc"):
+    if kind in ("uniapl", "uniapl_no_disc", "uniapl_fixed_ref"):
         return {"optimizer_steps": steps, "demonstrations_seen": steps * per_step, "samples": steps * batch}
-    if kind == "uniapl_no_sft":
-        return {"optimizer_steps": steps, "demonstrations_seen": 0, "samples": steps * batch}
+    if kind == "luffy":
+        # One expert completion replaces one rollout in each demonstration prompt's group.
+        expert = demonstration_prompts_per_batch(settings)
+        return {"optimizer_steps": steps, "demonstrations_seen": steps * expert, "samples": steps * (batch - expert)}
     raise ValueError(f"Unknown method {method!r}.")
 
 
-def train_sft(model_path, tokenizer, demonstrations, settings, output_dir, seed, steps, learning_rate, batch_size):
+def train_sft(model_path, tokenizer, demonstrations, settings, output_dir, seed, steps, learning_rate, batch_size,
+              callbacks=None):  # fmt: skip
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
@@ -195,12 +220,13 @@ def train_sft(model_path, tokenizer, demonstrations, settings, output_dir, seed,
         args=args,
         processing_class=tokenizer,
         train_dataset=demonstrations.select_columns(["prompt", "completion"]),
+        callbacks=callbacks,
     )
     _quiet(trainer).train()
     return trainer
 
 
-def train_grpo(model_path, tokenizer, prompts, settings, output_dir, seed, steps, learning_rate):
+def train_grpo(model_path, tokenizer, prompts, settings, output_dir, seed, steps, learning_rate, callbacks=None):
     from trl import GRPOConfig, GRPOTrainer
 
     args = GRPOConfig(**_common_args(settings, output_dir, seed, steps, learning_rate), **_grpo_args(settings))
@@ -210,24 +236,79 @@ def train_grpo(model_path, tokenizer, prompts, settings, output_dir, seed, steps
         args=args,
         train_dataset=prompts,
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
     _quiet(trainer).train()
     return trainer
 
 
-def train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, steps, **overrides):
-    from trl_uniapl import UniAPLConfig, UniAPLTrainer
+def reference_scorer_available() -> bool:
+    """Whether this version of UniAPLConfig has the fixed reference-conditioned scorer (`reference_scorer`)."""
+    import dataclasses
 
-    config = dict(
-        sft_coef=settings["sft_coef"],
+    from trl_uniapl import UniAPLConfig
+
+    return "reference_scorer" in {f.name for f in dataclasses.fields(UniAPLConfig)}
+
+
+def available_methods() -> list[str]:
+    """METHODS this version of trl_uniapl can train (`uniapl_fixed_ref` needs `UniAPLConfig.reference_scorer`)."""
+    return [m for m in METHODS if m != "uniapl_fixed_ref" or reference_scorer_available()]
+
+
+UNIAPL_PASSTHROUGH = ("discriminator_freeze_after_updates",)
+
+
+def uniapl_options(method: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """The UniAPLConfig options a UniAPL-trained method sets (everything else is UniAPLConfig's default)."""
+    kind = protocol.method_kind(method)
+    # UniAPLConfig options a variant regime's configuration may set beyond the settings (e.g. a frozen discriminator).
+    extra = {key: settings[key] for key in UNIAPL_PASSTHROUGH if key in settings}
+    online = dict(
         adversarial_coef=settings["adversarial_coef"],
         adversarial_coef_mode=settings["adversarial_coef_mode"],
         discriminator_learning_rate=settings["discriminator_learning_rate"],
         discriminator_type=settings["discriminator_type"],
     )
-    config.update(overrides)
+    sft = dict(sft_coef=settings["sft_coef"], sft_per_device_train_batch_size=settings["sft_batch_size"])
+    if kind == "uniapl":
+        return {**sft, **online, **extra}
+    if kind == "uniapl_no_disc":
+        return {**sft, "adversarial_coef": 0.0, "adversarial_coef_mode": "fixed"}
+    if kind == "uniapl_fixed_ref":
+        if not reference_scorer_available():
+            raise RuntimeError(
+                "uniapl_fixed_ref needs UniAPLConfig.reference_scorer (the fixed reference-conditioned scorer), which "
+                "this version of trl_uniapl does not have yet; leave the method out (--methods ...) until it lands."
+            )
+        scorer = settings["reference_scorer"]
+        if scorer == "embedded":  # the embedded task's learned scorer, cached beside the student (default cache)
+            from trl_uniapl.demo.reference_scorer import build_reference_scorer
+
+            scorer = str(build_reference_scorer(progress=False))
+        return {**sft, "adversarial_coef": settings["adversarial_coef"], "adversarial_coef_mode": "fixed",
+                "reference_scorer": scorer}  # fmt: skip
+    if kind in ("sft_then_grpo", "sft_then_agrpo"):
+        staged = dict(
+            sft_coef=0.0,
+            sft_per_device_train_batch_size=settings["sft_batch_size"],
+            sft_warmup_steps=sft_phase_steps(settings),
+            sft_warmup_learning_rate=settings["sft_learning_rate"],
+        )
+        if kind == "sft_then_grpo":  # the staged start with λ = 0 (an opt-in variant; the method uses two trainers)
+            return {**staged, "adversarial_coef": 0.0, "adversarial_coef_mode": "fixed"}
+        return {**staged, **online}
+    if kind == "luffy":
+        return dict(sft_coef=0.0, sft_per_device_train_batch_size=None, adversarial_coef=0.0,
+                    adversarial_coef_mode="fixed", expert_in_group=True)  # fmt: skip
+    raise ValueError(f"{method!r} is not trained by UniAPLTrainer.")
+
+
+def train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, steps, options, callbacks=None):
+    from trl_uniapl import UniAPLConfig, UniAPLTrainer
+
     args = UniAPLConfig(
-        **_common_args(settings, output_dir, seed, steps, settings["learning_rate"]), **_grpo_args(settings), **config
+        **_common_args(settings, output_dir, seed, steps, settings["learning_rate"]), **_grpo_args(settings), **options
     )
     trainer = UniAPLTrainer(
         model=model_path,
@@ -236,6 +317,7 @@ def train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, step
         train_dataset=splits["preference"],
         demonstration_dataset=splits["demonstrations"],
         processing_class=tokenizer,
+        callbacks=callbacks,
     )
     _quiet(trainer).train()
     return trainer
@@ -252,6 +334,7 @@ HISTORY_PREFIXES = (
     "discriminator/",
     "adversarial/",
     "completions/mean_length",
+    "entropy",
     "step_time",
     "learning_rate",
 )
@@ -271,11 +354,15 @@ def _history(trainer, step_offset: int = 0) -> list[dict[str, float]]:
     return rows
 
 
-def run_method(method, model_path, tokenizer, splits, settings, seed, work_dir):
-    """Train one method for `settings["steps"]` optimizer steps; return the trained model, logs and seconds."""
+def run_method(method, model_path, tokenizer, splits, settings, seed, work_dir, callbacks=None):
+    """Train one method for `settings["steps"]` optimizer steps; return the trained model, logs and seconds.
+
+    `callbacks` (TrainerCallbacks) are passed to the trainer; for `sft_then_grpo`, to both of its trainers, whose
+    `state.global_step` restarts at 0 in the second one.
+    """
     from datasets import concatenate_datasets
 
-    steps, kind, shape = settings["steps"], protocol.method_kind(method), budget(method, settings)
+    steps, kind = settings["steps"], protocol.method_kind(method)
     output_dir = os.path.join(work_dir, f"{method}-seed{seed}")
     grpo_prompts = concatenate_datasets(
         [
@@ -286,59 +373,28 @@ def run_method(method, model_path, tokenizer, splits, settings, seed, work_dir):
     lr = settings["learning_rate"]
     start = time.perf_counter()
     if kind == "sft":
-        trainer = train_sft(
-            model_path,
-            tokenizer,
-            splits["demonstrations"],
-            settings,
-            output_dir,
-            seed,
-            steps,
-            lr,
-            demonstrations_per_step(settings),
-        )
+        trainer = train_sft(model_path, tokenizer, splits["demonstrations"], settings, output_dir, seed, steps, lr,
+                            demonstrations_per_step(settings), callbacks)  # fmt: skip
         history = _history(trainer)
     elif kind == "grpo":
-        trainer = train_grpo(model_path, tokenizer, grpo_prompts, settings, output_dir, seed, steps, lr)
+        trainer = train_grpo(model_path, tokenizer, grpo_prompts, settings, output_dir, seed, steps, lr, callbacks)
         history = _history(trainer)
     elif kind == "sft_then_grpo":
-        sft_steps = shape["sft_steps"]
-        first = train_sft(
-            model_path,
-            tokenizer,
-            splits["demonstrations"],
-            settings,
-            output_dir + "-sft",
-            seed,
-            sft_steps,
-            settings["sft_learning_rate"],
-            shape["sft_batch"],
-        )
+        sft_steps = sft_phase_steps(settings)
+        first = train_sft(model_path, tokenizer, splits["demonstrations"], settings, output_dir + "-sft", seed,
+                          sft_steps, settings["sft_learning_rate"], demonstrations_per_step(settings),
+                          callbacks)  # fmt: skip
         history = _history(first)
         stage_dir = output_dir + "-sft-model"
         first.save_model(stage_dir)
         tokenizer.save_pretrained(stage_dir)
         del first
-        trainer = train_grpo(stage_dir, tokenizer, grpo_prompts, settings, output_dir, seed, steps - sft_steps, lr)
+        trainer = train_grpo(stage_dir, tokenizer, grpo_prompts, settings, output_dir, seed, steps - sft_steps, lr,
+                             callbacks)  # fmt: skip
         history += _history(trainer, step_offset=sft_steps)
-    elif kind == "uniapl":
-        trainer = train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, steps)
-        history = _history(trainer)
-    elif kind == "uniapl_no_disc":
-        trainer = train_uniapl(
-            model_path,
-            tokenizer,
-            splits,
-            settings,
-            output_dir,
-            seed,
-            steps,
-            adversarial_coef=0.0,
-            adversarial_coef_mode="fixed",
-        )
-        history = _history(trainer)
-    elif kind == "uniapl_no_sft":
-        trainer = train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, steps, sft_coef=0.0)
+    elif kind in ("sft_then_agrpo", "uniapl", "uniapl_no_disc", "uniapl_fixed_ref", "luffy"):
+        options = uniapl_options(method, settings)
+        trainer = train_uniapl(model_path, tokenizer, splits, settings, output_dir, seed, steps, options, callbacks)
         history = _history(trainer)
     else:
         raise ValueError(f"Unknown method {method!r}; choose from {METHODS}.")

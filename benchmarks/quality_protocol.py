@@ -29,95 +29,101 @@ from quality_stats import REPORT_METRICS, bootstrap  # noqa: E402
 
 from trl_uniapl.ifeval import task  # noqa: E402
 
-METHODS = ("sft", "grpo", "sft_then_grpo", "uniapl", "uniapl_no_disc", "uniapl_no_sft")
+METHODS = (
+    "sft",
+    "grpo",
+    "sft_then_grpo",
+    "sft_then_agrpo",
+    "uniapl",
+    "uniapl_no_disc",
+    "uniapl_fixed_ref",
+    "luffy",
+)
+# The core methods of issue 21: the ones tuned first if the machine cannot hold every grid.
+CORE_METHODS = ("sft", "grpo", "sft_then_grpo", "sft_then_agrpo", "uniapl")
 REFERENCE_METHOD = "uniapl"  # paired differences are reported against it
 SELECTION_METRIC = "prompt_level_strict_acc"
 
-# Learning-rate ranges, revised on the validation split (docs/benchmarks.md, "Tuning record"). The first grids came
-# from the earlier 200-step protocol (SFT 1e-3..8e-3, RL 1e-4..1e-3); at this protocol's budget (60 steps, 2
-# demonstrations per step) SFT, UniAPL and the SFT phase were best at the LOWEST point of their ranges, falling
-# steadily above it (SFT 8.5% at 1e-3, 0% at 8e-3: the small batches wreck the student's topic writing), and GRPO at
-# the HIGHEST (12.5% at 1e-3). A grid whose best point sits on its edge has not found the method's optimum, so every
-# range moved by the same rule: drop the points beyond the worst side, extend one octave past the best edge. SFT-type
-# updates get 2.5e-4..2e-3, RL updates 2e-4..2e-3 (past 2e-3 GRPO collapses into repeated words, docs/benchmarks.md).
-# Two-dimensional grids (a learning rate per phase, or a learning rate and λ) get two points per dimension, about the
-# log-midpoints of the halves of each range, so that every method has GRID_SIZE points: the same tuning budget.
+# Tuning grids: GRID_SIZE points for every method, over each method's own range (docs/benchmarks.md, "Grids").
+# Every run that reads demonstrations reads 16 per step (the decoupled SFT batch), eight times the 2 per step of the
+# earlier protocol, so the SFT ranges moved up an octave: the issue's 200-step indications had SFT at 20.4% with 2e-3
+# against 15.8% at 1e-3, and the earlier protocol's tuning record (60 steps, 2 demonstrations per step) had SFT
+# falling steadily above 1e-3 with those tiny batches. RL updates get far lower rates: GRPO collapsed into repeated
+# words at 2e-3 and was best at 1e-3 at 60 steps, and runs at least three times longer need no larger steps
+# (the issue's SFT -> GRPO ran its GRPO phase at 3e-4). Two-dimensional grids (a learning rate per phase, or a learning
+# rate and the SFT weight α) take two points per dimension inside the one-dimensional ranges.
 GRID_SIZE = 4
-SFT_LRS = (2.5e-4, 5e-4, 1e-3, 2e-3)
-RL_LRS = (2e-4, 5e-4, 1e-3, 2e-3)
-SFT_LRS_2 = (4e-4, 1.2e-3)
-RL_LRS_2 = (3e-4, 1e-3)
-LAMBDAS_2 = (0.1, 0.5)
+SFT_LRS = (5e-4, 1e-3, 2e-3, 4e-3)
+RL_LRS = (1e-4, 2e-4, 5e-4, 1e-3)
+SFT_LRS_2 = (1e-3, 2e-3)
+RL_LRS_2 = (2e-4, 5e-4)
+# UniAPL's one learning rate drives both of its terms; α (`sft_coef`) sets the SFT term's share. α 0.1 is the
+# library's default; α 1 is the CHORD-style full weight the issue's indication ran (18.8% at 1e-3).
+UNIAPL_LRS_2 = (1e-3, 2e-3)
+ALPHAS_2 = (0.1, 1.0)
 # The λ sweep: fixed λ values from 0 (no discriminator) up to the range's end (A_adv and A_task have unit scale), about
-# half a decade apart, plus the base regime's selected λ, and the Lagrangian mode (its initial λ is 0.1). 0.03 was in
-# the first version; it was dropped before the sweep ever ran, to fit the sweep in a session beside the regimes.
+# half a decade apart, plus the base regime's selected λ, and the Lagrangian mode (its initial λ is 0.1).
 SWEEP_LAMBDAS = (0.0, 0.1, 0.3, 1.0)
-
-
-# UniAPL's SFT weight α (`sft_coef`) in each regime's grid. The `default` regime ran before the α sweep, at the then
-# default α = 1 (the settings' `sft_coef`); the sweep chose α = 0.1 on validation and UniAPLConfig took it as its
-# default, so the regimes run after it tune UniAPL, and its no-discriminator ablation (which must differ from UniAPL by
-# the discriminator only), at α = 0.1: they measure the trainer as it ships. The value is in the grid points, hence in
-# their file names, so points run at α = 1 before the change stay on disk as superseded grid points.
-GRID_SFT_COEF: dict[str, float | None] = {"default": None, "scarce": 0.1, "sparse": 0.1}
+# Updates after which the frozen-discriminator variant stops training its discriminator: the default
+# discriminator warm-up (16 policy steps, one update per generation batch).
+FREEZE_AFTER_UPDATES = 16
 
 
 def grids(regime: str = "default") -> dict[str, list[dict[str, Any]]]:
-    """Each method's tuning grid in `regime`: a list of setting overrides, GRID_SIZE of them for every method."""
-    sft_coef = GRID_SFT_COEF[regime]
-    alpha = {} if sft_coef is None else {"sft_coef": sft_coef}
+    """Each method's tuning grid (the same in every regime): a list of setting overrides, GRID_SIZE of them each.
+
+    The staged methods tune the learning rate of each phase (`sft_learning_rate`: their SFT phase; `learning_rate`:
+    the RL phase), at the default λ for SFT → A-GRPO. The one-stage UniAPL variants share one grid (learning rate × α),
+    so that each differs from UniAPL by its adversarial term only; their λ is the default (the λ sweep varies it).
+    """
+    if regime not in REGIMES:
+        raise ValueError(f"Unknown regime {regime!r}; choose from {list(REGIMES)}.")
+    staged = [{"sft_learning_rate": a, "learning_rate": b} for a in SFT_LRS_2 for b in RL_LRS_2]
+    one_stage = [{"learning_rate": lr, "sft_coef": alpha} for lr in UNIAPL_LRS_2 for alpha in ALPHAS_2]
     return {
         "sft": [{"learning_rate": lr} for lr in SFT_LRS],
         "grpo": [{"learning_rate": lr} for lr in RL_LRS],
-        "sft_then_grpo": [{"sft_learning_rate": a, "learning_rate": b} for a in SFT_LRS_2 for b in RL_LRS_2],
-        "uniapl": [{"learning_rate": lr, "adversarial_coef": lam, **alpha} for lr in SFT_LRS_2 for lam in LAMBDAS_2],
-        "uniapl_no_disc": [{"learning_rate": lr, **alpha} for lr in SFT_LRS],
-        "uniapl_no_sft": [{"learning_rate": lr} for lr in RL_LRS],
+        "sft_then_grpo": staged,
+        "sft_then_agrpo": [dict(c) for c in staged],
+        "uniapl": one_stage,
+        "uniapl_no_disc": [dict(c) for c in one_stage],
+        "uniapl_fixed_ref": [dict(c) for c in one_stage],
+        "luffy": [{"learning_rate": lr} for lr in RL_LRS],
     }
 
 
 def sweep_grids(base_selection: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
     """The λ sweep: UniAPL at the base regime's selected configuration, and one method per other λ and the Lagrangian
-    mode at the same learning rate. Each has a single configuration (nothing is chosen among them), so the test split
-    scores every variant and the sweep is reported with confidence intervals, without selection on it."""
+    mode at the same learning rate and α. Each has a single configuration (nothing is chosen among them), so the test
+    split scores every variant and the sweep is reported with confidence intervals, without selection on it."""
     selected = dict(base_selection["uniapl"]["config"])
     variants = {REFERENCE_METHOD: [selected]}
     for lam in SWEEP_LAMBDAS:
-        if lam != selected.get("adversarial_coef"):
+        if lam != selected.get("adversarial_coef", DEFAULT_LAMBDA):
             variants[f"uniapl_lambda{lam:g}"] = [{**selected, "adversarial_coef": lam}]
     variants["uniapl_lagrangian"] = [{**selected, "adversarial_coef": 0.1, "adversarial_coef_mode": "lagrangian"}]
     return variants
 
 
 def discriminator_grids(base_selection: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """Shared against full-copy discriminator (issue 11): UniAPL at the base regime's selected configuration with the
-    default shared discriminator, and the same configuration with `discriminator_type="full_copy"`. One configuration
-    each, so, as in the λ sweep, both are scored on test with the same seeds and compared paired."""
+    """Fixed against co-trained discriminator (issue 21, item 4): UniAPL at the base regime's selected configuration
+    (the online discriminator trained throughout), the same discriminator frozen after its warm-up's updates
+    (`discriminator_freeze_after_updates`), and the paper's fixed reference-conditioned scorer at the same
+    configuration. One configuration each, all scored on test with the same seeds and compared paired."""
     selected = dict(base_selection["uniapl"]["config"])
-    return {REFERENCE_METHOD: [selected], "uniapl_full_copy": [{**selected, "discriminator_type": "full_copy"}]}
-
-
-# The SFT weights of the α sweep: the default α = 1 against weaker SFT terms.
-SWEEP_ALPHAS = (0.1, 0.3)
-
-
-def alpha_grids(base_selection: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
-    """UniAPL at the base regime's selected configuration and with a weaker SFT term (`sft_coef` α in SWEEP_ALPHAS),
-    the rest unchanged: does the SFT term hold UniAPL's accuracy back? As in the λ sweep, nothing is chosen among
-    them; every variant is scored on test with the same seeds."""
-    selected = dict(base_selection["uniapl"]["config"])
-    variants = {REFERENCE_METHOD: [selected]}
-    for alpha in SWEEP_ALPHAS:
-        variants[f"uniapl_alpha{alpha:g}"] = [{**selected, "sft_coef": alpha}]
-    return variants
+    return {
+        REFERENCE_METHOD: [selected],
+        "uniapl_frozen_disc": [{**selected, "discriminator_freeze_after_updates": FREEZE_AFTER_UPDATES}],
+        "uniapl_fixed_ref": [dict(selected)],
+    }
 
 
 # Regimes built from another regime's validation selection: name -> the variants' grids.
 VARIANT_REGIMES: dict[str, Callable[[Mapping[str, Any]], dict[str, list[dict[str, Any]]]]] = {
     "lambda_sweep": sweep_grids,
-    "discriminator_types": discriminator_grids,
-    "alpha_sweep": alpha_grids,
+    "discriminators": discriminator_grids,
 }
+DEFAULT_LAMBDA = 0.1  # quality.FULL["adversarial_coef"]: the λ of grid points that do not set one
 
 
 def reuse_runs(
@@ -147,7 +153,7 @@ def reuse_runs(
 
 
 def method_kind(method: str) -> str:
-    """The training code a method name runs: the sweep's variants are UniAPL runs."""
+    """The training code a method name runs: the variant regimes' other names are UniAPL runs."""
     return "uniapl" if method.startswith("uniapl_") and method not in METHODS else method
 
 

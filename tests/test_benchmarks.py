@@ -62,19 +62,16 @@ def test_scarce_regime_fits_the_prompts_make_splits_can_draw():
     assert available > scarce["num_demonstrations"] + scarce["num_preference"]
 
 
-def test_regimes_after_the_alpha_sweep_tune_uniapl_and_its_no_discriminator_ablation_at_the_shipped_alpha():
-    from trl_uniapl import UniAPLConfig
-
+def test_grids_are_the_same_in_every_regime_and_the_one_stage_variants_share_uniapls():
     protocol = load("quality_protocol")
     default = protocol.grids("default")
-    assert set(protocol.GRID_SFT_COEF) == set(protocol.REGIMES)
-    assert all("sft_coef" not in c for configs in default.values() for c in configs)  # as the default regime ran
-    for regime in ("scarce", "sparse"):
-        grid = protocol.grids(regime)
-        assert protocol.GRID_SFT_COEF[regime] == UniAPLConfig.sft_coef == 0.1
-        for method in ("uniapl", "uniapl_no_disc"):
-            assert [c.pop("sft_coef") for c in grid[method]] == [0.1] * protocol.GRID_SIZE
-        assert grid == default  # otherwise the same points: only α differs, and only for the two α-carrying methods
+    assert all(protocol.grids(regime) == default for regime in protocol.REGIMES)
+    with pytest.raises(ValueError, match="Unknown regime"):
+        protocol.grids("nope")
+    # The one-stage variants differ from UniAPL by their adversarial term only; the staged pair by λ only.
+    assert default["uniapl_no_disc"] == default["uniapl_fixed_ref"] == default["uniapl"]
+    assert default["sft_then_agrpo"] == default["sft_then_grpo"]
+    assert set(protocol.CORE_METHODS) <= set(protocol.METHODS)
 
 
 def test_every_method_gets_a_grid_of_the_same_size_over_its_range_and_the_same_budget():
@@ -84,25 +81,54 @@ def test_every_method_gets_a_grid_of_the_same_size_over_its_range_and_the_same_b
     assert {len(configs) for configs in grids.values()} == {protocol.GRID_SIZE}
     for method, configs in grids.items():
         assert len({protocol.config_id(c) for c in configs}) == len(configs), method
-    for method in ("grpo", "uniapl_no_sft", "sft_then_grpo"):  # RL learning rates (the GRPO phase for sft_then_grpo)
+    for method in ("grpo", "luffy", "sft_then_grpo", "sft_then_agrpo"):  # RL learning rates (the RL phase if staged)
         rates = [c["learning_rate"] for c in grids[method]]
-        assert 1e-4 <= min(rates) and max(rates) <= 2e-3 and len(set(rates)) > 1, method
-    # The two-point grids sit inside their one-dimensional ranges.
+        assert 1e-4 <= min(rates) and max(rates) <= 1e-3 and len(set(rates)) > 1, method
+    # RL learning rates sit far below SFT's; the two-point grids inside their one-dimensional ranges.
+    assert max(protocol.RL_LRS) <= min(protocol.SFT_LRS_2)
     assert min(protocol.SFT_LRS) < min(protocol.SFT_LRS_2) and max(protocol.SFT_LRS_2) < max(protocol.SFT_LRS)
     assert min(protocol.RL_LRS) < min(protocol.RL_LRS_2) and max(protocol.RL_LRS_2) < max(protocol.RL_LRS)
-    assert len({c["sft_learning_rate"] for c in grids["sft_then_grpo"]}) > 1  # one learning rate per phase
-    assert len({c["adversarial_coef"] for c in grids["uniapl"]}) > 1
-    assert len({c["learning_rate"] for c in grids["uniapl"]}) > 1
-    assert all("adversarial_coef" not in c for m in ("uniapl_no_disc", "uniapl_no_sft") for c in grids[m])
+    for method in ("sft_then_grpo", "sft_then_agrpo"):  # one learning rate per phase
+        assert len({c["sft_learning_rate"] for c in grids[method]}) > 1, method
+    assert len({c["sft_coef"] for c in grids["uniapl"]}) > 1 and len({c["learning_rate"] for c in grids["uniapl"]}) > 1
 
     for settings in (quality.FULL, quality.QUICK):
         assert settings["num_generations"] == 8
         budgets = {m: quality.budget(m, settings) for m in quality.METHODS}
         assert {b["optimizer_steps"] for b in budgets.values()} == {settings["steps"]}
-        seen = {budgets[m]["demonstrations_seen"] for m in ("sft", "sft_then_grpo", "uniapl", "uniapl_no_disc")}
-        assert seen == {settings["steps"] * quality.demonstrations_per_step(settings)}
-        assert budgets["grpo"]["samples"] == budgets["uniapl"]["samples"] == budgets["uniapl_no_sft"]["samples"]
-        assert budgets["uniapl"]["samples"] == settings["steps"] * settings["per_device_train_batch_size"]
+        # Equal demonstrations per step: every step that reads them reads sft_batch_size.
+        steps, per_step = settings["steps"], settings["sft_batch_size"]
+        for method in ("sft", "uniapl", "uniapl_no_disc", "uniapl_fixed_ref"):
+            assert budgets[method]["demonstrations_seen"] == steps * per_step, method
+        for method in ("sft_then_grpo", "sft_then_agrpo"):
+            shape = budgets[method]
+            assert shape["demonstrations_seen"] == shape["sft_steps"] * per_step, method
+            assert shape["samples"] == (steps - shape["sft_steps"]) * settings["per_device_train_batch_size"]
+        assert budgets["grpo"]["samples"] == budgets["uniapl"]["samples"]
+        assert budgets["uniapl"]["samples"] == steps * settings["per_device_train_batch_size"]
+        luffy = budgets["luffy"]
+        assert luffy["samples"] + luffy["demonstrations_seen"] == budgets["grpo"]["samples"]
+
+
+def test_each_uniapl_method_sets_the_options_of_its_definition():
+    quality = load("quality")
+    settings = {**quality.FULL, "steps": 10}
+    options = {m: quality.uniapl_options(m, settings) for m in ("uniapl", "uniapl_no_disc", "sft_then_agrpo", "luffy")}
+    assert options["uniapl"]["sft_per_device_train_batch_size"] == settings["sft_batch_size"]
+    assert options["uniapl"]["adversarial_coef"] > 0 and options["uniapl"]["sft_coef"] == settings["sft_coef"]
+    assert options["uniapl_no_disc"]["adversarial_coef"] == 0.0
+    assert options["sft_then_agrpo"]["sft_coef"] == 0.0 and options["sft_then_agrpo"]["adversarial_coef"] > 0
+    assert options["sft_then_agrpo"]["sft_warmup_steps"] == 5
+    assert options["sft_then_agrpo"]["sft_warmup_learning_rate"] == settings["sft_learning_rate"]
+    assert (
+        options["luffy"]["expert_in_group"]
+        and options["luffy"]["sft_coef"] == options["luffy"]["adversarial_coef"] == 0
+    )
+    frozen = quality.uniapl_options("uniapl_frozen_disc", {**settings, "discriminator_freeze_after_updates": 16})
+    assert frozen["discriminator_freeze_after_updates"] == 16
+    if not quality.reference_scorer_available():
+        with pytest.raises(RuntimeError, match="reference_scorer"):
+            quality.uniapl_options("uniapl_fixed_ref", settings)
 
 
 def _toy_per_prompt(score: float, num_prompts: int = 20, seed: int = 0) -> dict:
@@ -255,9 +281,10 @@ def test_bootstrap_ci_over_seeds_and_prompts_on_toy_input():
 @pytest.mark.slow
 def test_quality_quick_end_to_end_resumes_and_reports(tmp_path, student_cache):
     quality, stats = load("quality"), load("quality_stats")
+    methods = quality.available_methods()  # uniapl_fixed_ref only once UniAPLConfig has `reference_scorer`
     argv = ["--quick", "--student_fast", "--student_cache", student_cache, "--output_dir", str(tmp_path),
-            "--num_bootstrap", "50", "--set", "num_validation=12", "num_test=12", "eval_max_new_tokens=12",
-            "max_completion_length=12"]  # fmt: skip
+            "--num_bootstrap", "50", "--methods", *methods, "--set", "num_validation=12", "num_test=12",
+            "eval_max_new_tokens=12", "max_completion_length=12"]  # fmt: skip
     out = quality.main(argv)
     root = tmp_path / "default-quick"
     for name in (
@@ -269,9 +296,9 @@ def test_quality_quick_end_to_end_resumes_and_reports(tmp_path, student_cache):
         "quality_accuracy.png",
     ):
         assert (root / name).is_file(), name
-    assert out["complete"] and set(out["results"]) == set(quality.METHODS)
+    assert out["complete"] and set(out["results"]) == set(methods)
     runs = sorted((root / "runs").rglob("*.json"))
-    assert len(runs) == len(quality.METHODS) * (4 + 1)
+    assert len(runs) == len(methods) * (4 + 1)
     for path in runs:
         run = json.loads(path.read_text())
         assert run["split"] == ("validation" if "grid" in path.parts else "test")
@@ -282,7 +309,7 @@ def test_quality_quick_end_to_end_resumes_and_reports(tmp_path, student_cache):
         for key in stats.REPORT_METRICS:
             assert recomputed[key] == pytest.approx(run["metrics"][key], abs=1e-9), (path.name, key)
     table = (root / "quality.md").read_text()
-    assert all(f"| {method} |" in table for method in quality.METHODS) and "Paired differences" in table
+    assert all(f"| {method} |" in table for method in methods) and "Paired differences" in table
     assert "untrained student" in table and "frac_reward_zero_std" in table
     assert "minus_reference" in out["results"]["sft"] and "minus_reference" not in out["results"]["uniapl"]
 
@@ -307,25 +334,27 @@ def test_quality_jobs_run_shards_in_processes_and_report(tmp_path, student_cache
     assert json.loads((root / "selection.json").read_text())["sft"]["config_id"]
 
 
-def test_discriminator_types_compare_shared_and_full_copy_at_the_selected_configuration(tmp_path):
+def test_discriminators_regime_compares_co_trained_frozen_and_reference_scorers_at_the_selected_configuration(
+    tmp_path,
+):
     protocol, quality = load("quality_protocol"), load("quality")
-    argv = ["--regime", "discriminator_types", "--base", "default", "--output_dir", str(tmp_path), "--report"]
+    argv = ["--regime", "discriminators", "--base", "default", "--output_dir", str(tmp_path), "--report"]
     with pytest.raises(SystemExit, match="--regime default --phase grid"):
         quality.main(argv)
-    selected = {"learning_rate": 0.0012, "adversarial_coef": 0.5}
+    selected = {"learning_rate": 0.001, "sft_coef": 1.0}
     variants = protocol.discriminator_grids({"uniapl": {"config": selected}})
-    assert variants == {"uniapl": [selected], "uniapl_full_copy": [{**selected, "discriminator_type": "full_copy"}]}
-    assert protocol.method_kind("uniapl_full_copy") == "uniapl"
-    alphas = protocol.alpha_grids({"uniapl": {"config": selected}})
-    assert alphas["uniapl"] == [selected] and {len(configs) for configs in alphas.values()} == {1}
-    assert sorted(c[0]["sft_coef"] for m, c in alphas.items() if m != "uniapl") == sorted(protocol.SWEEP_ALPHAS)
-    assert all(protocol.method_kind(m) == "uniapl" for m in alphas)
-    assert [protocol.method_kind(m) for m in ("uniapl_no_disc", "uniapl_no_sft", "sft")] == [
+    assert variants == {
+        "uniapl": [selected],
+        "uniapl_frozen_disc": [{**selected, "discriminator_freeze_after_updates": protocol.FREEZE_AFTER_UPDATES}],
+        "uniapl_fixed_ref": [selected],
+    }
+    assert [protocol.method_kind(m) for m in ("uniapl_frozen_disc", "uniapl_fixed_ref", "uniapl_no_disc", "sft")] == [
+        "uniapl",
+        "uniapl_fixed_ref",
         "uniapl_no_disc",
-        "uniapl_no_sft",
         "sft",
     ]
-    assert quality.budget("uniapl_full_copy", quality.FULL) == quality.budget("uniapl", quality.FULL)
+    assert quality.budget("uniapl_frozen_disc", quality.FULL) == quality.budget("uniapl", quality.FULL)
 
 
 def test_report_lists_an_earlier_grids_runs_without_selecting_them(tmp_path):
@@ -354,7 +383,7 @@ def test_lambda_sweep_starts_from_the_base_regimes_validation_selection(tmp_path
     with pytest.raises(SystemExit, match="--regime scarce --phase grid"):
         quality.main(argv)
 
-    selected = {"learning_rate": 0.004, "adversarial_coef": 0.5}
+    selected = {"learning_rate": 0.004, "sft_coef": 1.0, "adversarial_coef": 0.5}
     sweep = protocol.sweep_grids({"uniapl": {"config": selected}})
     assert sweep["uniapl"] == [selected] and {len(configs) for configs in sweep.values()} == {1}
     lambdas = sorted(c[0]["adversarial_coef"] for m, c in sweep.items() if m != "uniapl_lagrangian")
@@ -383,6 +412,24 @@ def test_lambda_sweep_starts_from_the_base_regimes_validation_selection(tmp_path
     assert set(out["results"]) == set(sweep) and not out["complete"]
 
 
+def test_learning_curve_writes_each_point_on_validation_and_resumes(tmp_path, student_cache):
+    curve = load("learning_curve")
+    argv = ["--quick", "--student_fast", "--student_cache", student_cache, "--output_dir", str(tmp_path),
+            "--runs", "sft_lr2e-3", "--checkpoints", "1", "2"]  # fmt: skip
+    out = curve.main(argv)
+    points = out["runs"]["sft_lr2e-3"]["points"]
+    assert [p["step"] for p in points] == [1, 2] and points[0]["train_seconds_to_step"] > 0
+    for step in (1, 2):
+        record = json.loads((tmp_path / "sft_lr2e-3" / f"step{step}.json").read_text())
+        assert record["split"] == "validation" and record["run_steps"] == 2
+        assert record["budget_to_step"]["demonstrations_seen"] == step * load("quality").QUICK["sft_batch_size"]
+    assert (tmp_path / "curve.md").is_file() and (tmp_path / "reference.json").is_file()
+    # Every point on disk: nothing is trained again.
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "sft_lr2e-3").iterdir()}
+    curve.main(argv)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sft_lr2e-3").iterdir()} == mtimes
+
+
 def test_speed_smallest_setting(tmp_path, student_cache):
     speed = load("speed")
     output_dir = tmp_path / "speed"
@@ -400,7 +447,7 @@ def test_speed_smallest_setting(tmp_path, student_cache):
     breakdown = saved["summary"]["uniapl"]["breakdown_median_seconds"]
     assert breakdown["generation"] > 0 and breakdown["discriminator_update"] > 0
     assert breakdown["discriminator_scoring"] > 0 and breakdown["sft_forward"] > 0
-    assert breakdown["adversarial_other"] > 0  # encoding and A_adv, timed around `_adversarial_advantages`
+    assert breakdown["adversarial_other"] > 0  # encoding and A_adv, timed around `AdversarialTerm.advantages`
     ratios = saved["ratios"]
     for key in ("uniapl_over_grpo_step_time", "uniapl_over_grpo_memory", "uniapl_over_grpo_plus_sft_step_time"):
         assert key in ratios
@@ -433,15 +480,6 @@ def test_speed_gpu_mode_pipeline_on_cpu_with_tiny_shape(tmp_path):
     if not speed.torch.cuda.is_available():  # the real shape refuses to run on CPU instead of taking hours
         with pytest.raises(ValueError, match="needs CUDA"):
             speed.main(["--gpu", "--output_dir", str(tmp_path / "no-gpu")])
-
-
-def test_discriminator_update_benchmark_times_both_passes_and_writes_json(tmp_path, student_cache, monkeypatch):
-    monkeypatch.setenv("TRL_UNIAPL_CACHE", student_cache)
-    out = load("discriminator_update").main(["--student_fast", "--repetitions", "2", "--output_dir", str(tmp_path)])
-    assert out["rows"] == {"real": 2, "fake": 16}
-    assert {len(values) for values in out["seconds"].values()} == {2}
-    assert all(value > 0 for value in out["median_seconds"].values())
-    assert json.loads((tmp_path / "discriminator_update.json").read_text())["one_pass_over_two_passes"]["median"] > 0
 
 
 def test_quality_compare_pairs_runs_of_two_folders_with_the_same_settings(tmp_path):

@@ -424,3 +424,18 @@ def test_resume_true_and_damaged_checkpoint(tiny_model_path, task_files, tmp_pat
     discriminator_file.write_bytes(os.urandom(4096))
     with pytest.raises(CheckpointError, match=f"{discriminator_file} is damaged.*no earlier complete checkpoint"):
         check_checkpoint_files(str(output / "checkpoint-1"))
+
+
+@pytest.mark.parametrize("method", ["sft_then_agrpo", "luffy", "fixed_ref"])
+def test_demo_runs_each_method(tmp_path, method):
+    from trl_uniapl.cli.demo import DemoArguments, run_demo
+
+    outcome = run_demo(DemoArguments(output_dir=str(tmp_path / "demo"), quick=True, method=method, no_progress=True))
+    assert outcome["method"] == method
+    logs = [entry for entry in json.loads((tmp_path / "demo" / "log_history.json").read_text()) if "loss" in entry]
+    if method == "sft_then_agrpo":  # SFT only for the first half: no reward, then GRPO
+        assert "reward" not in logs[0] and "reward" in logs[-1]
+    elif method == "luffy":
+        assert all("luffy/expert_advantage" in entry for entry in logs)
+    else:
+        assert all("reference/score_mean" in entry for entry in logs)

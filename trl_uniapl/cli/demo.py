@@ -31,6 +31,14 @@ DEMO_SETTINGS: dict[str, Any] = {
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.05,
 }
+# `--method`: the configurations of the README's "Which configuration is which method", on the demo's settings.
+DEMO_METHODS: dict[str, dict[str, Any]] = {
+    "uniapl": {},
+    "chord": {"adversarial_coef": 0.0},
+    "sft_then_agrpo": {"sft_coef": 0.0},  # + sft_warmup_steps = half the steps
+    "fixed_ref": {},  # + reference_scorer: the embedded task's learned scorer (n-gram F1 with --quick)
+    "luffy": {"expert_in_group": True, "sft_coef": 0.0, "adversarial_coef": 0.0},
+}
 DEMO_MAX_STEPS, DEMO_QUICK_MAX_STEPS = 160, 4
 DEMO_NUM_EVAL, DEMO_QUICK_NUM_EVAL = 200, 16
 
@@ -47,6 +55,15 @@ class DemoArguments:
         metadata={"help": f"UniAPL optimizer steps (default {DEMO_MAX_STEPS}; {DEMO_QUICK_MAX_STEPS} with --quick)."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the task's splits and of training."})
+    method: str = field(
+        default="uniapl",
+        metadata={
+            "help": "Which configuration to train: 'uniapl' (online discriminator), 'chord' (no discriminator), "
+            "'sft_then_agrpo' (SFT-only first half, then GRPO + discriminator), 'fixed_ref' (the paper's fixed "
+            "reference-conditioned scorer) or 'luffy' (the expert inside the group).",
+            "choices": list(DEMO_METHODS),
+        },
+    )
     quick: bool = field(
         default=False,
         metadata={
@@ -213,6 +230,17 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         f"[3/5] UniAPL training: {max_steps} steps on {num_demonstrations} demonstrations and {num_preference} "
         "preference prompts (IFEval dense reward + discriminator)"
     )
+    if args.method not in DEMO_METHODS:
+        raise ValueError(f"Unknown --method {args.method!r}: choose one of {list(DEMO_METHODS)}.")
+    method = dict(DEMO_METHODS[args.method])
+    if args.method == "sft_then_agrpo":
+        method["sft_warmup_steps"] = max_steps // 2
+    if args.method == "fixed_ref":
+        from ..demo.reference_scorer import build_reference_scorer
+
+        method["reference_scorer"] = (
+            "ngram_f1" if args.quick else str(build_reference_scorer(cache_dir=args.cache_dir, progress=show))
+        )
     config = demo_config(
         str(output_dir / "run"),
         max_steps,
@@ -220,6 +248,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         args.quick,
         learning_rate=args.learning_rate,
         disable_tqdm=not show,
+        **method,
     )
     trainer = UniAPLTrainer(
         model=student,
@@ -266,6 +295,7 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         "max_steps": max_steps,
         "num_eval": len(eval_rows),
         "quick": args.quick,
+        "method": args.method,
         "settings": {key: getattr(config, key) for key in DEMO_SETTINGS if hasattr(config, key)},
     }
     (output_dir / "metrics.json").write_text(json.dumps(outcome, indent=2, default=str))

@@ -1,10 +1,10 @@
 """Paired differences between test runs of two regime folders (same seeds, settings and test prompts), e.g. a variant
-of the α sweep against the `default` regime's baselines, which its own report does not hold.
+of the λ sweep against the `default` regime's baselines, which its own report does not hold.
 
     python benchmarks/quality_compare.py \
-        --reference benchmarks/results/quality_protocol/alpha_sweep-default uniapl_alpha0.1 \
-        --against benchmarks/results/quality_protocol/default grpo sft_then_grpo uniapl_no_sft \
-        --output benchmarks/results/quality_protocol/alpha_sweep-default/paired_against_default.json
+        --reference benchmarks/results/quality_protocol/lambda_sweep-default uniapl_lambda0.3 \
+        --against benchmarks/results/quality_protocol/default grpo sft_then_grpo luffy \
+        --output benchmarks/results/quality_protocol/lambda_sweep-default/paired_against_default.json
 """
 
 from __future__ import annotations

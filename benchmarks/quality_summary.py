@@ -21,7 +21,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling quality modules
 import quality_protocol as protocol  # noqa: E402
 
-BASELINES = ("sft", "grpo", "sft_then_grpo")  # the tuned baselines; the other methods are UniAPL's ablations
+BASELINES = ("sft", "grpo", "sft_then_grpo", "luffy")  # the tuned baselines; the other methods are UniAPL variants
 SELECTION_METRIC = protocol.SELECTION_METRIC
 TARGET_POINTS = 0.03  # the paper's claim, as the issue states it: UniAPL ≥ best tuned baseline + 3 points
 # For each distribution metric, whether a smaller value is closer to the expert.

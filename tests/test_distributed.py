@@ -101,6 +101,28 @@ def test_demonstration_mix_on_every_rank(reports):
         assert sum(len(p) for p in prompts) == 4
 
 
+def test_sft_batches_disjoint_across_ranks(reports):
+    """Each rank's SFT term reads its own `sft_per_device_train_batch_size` demonstrations per micro-step, none of them
+    on the other rank; an epoch covers every demonstration once; the normaliser is the expert-token count of the
+    step over both ranks, divided by their number (DDP averages the gradients)."""
+    batch_size, num_demonstrations = reports[0]["sft_batch_size"], reports[0]["num_demonstrations"]
+    for report in reports:
+        assert len(report["sft_reads"]) == MAX_STEPS  # one micro-step per optimizer step (no accumulation)
+        assert all(len(read["experts"]) == batch_size for read in report["sft_reads"])
+    epoch = []
+    for step in range(MAX_STEPS):
+        reads = [report["sft_reads"][step] for report in reports]
+        per_rank = [{tuple(expert) for expert in read["experts"]} for read in reads]
+        assert all(len(rows) == batch_size for rows in per_rank), "a rank read one demonstration twice"
+        assert not per_rank[0] & per_rank[1], f"both ranks read the same demonstration at step {step}"
+        tokens = sum(len(expert) for read in reads for expert in read["experts"])
+        for read in reads:
+            assert read["normalizer"] == pytest.approx(tokens / NUM_PROCESSES)
+        if len(epoch) < num_demonstrations:
+            epoch += [row for rows in per_rank for row in rows]
+    assert len(set(epoch)) == num_demonstrations, "the first epoch did not read every demonstration once"
+
+
 def test_adversarial_advantages_equal_the_single_process_result(reports):
     """A_adv is computed on the rewards of the whole generation batch (gathered over ranks, in rank order): each rank's
     slice equals what one process computes from the same rewards."""

@@ -5,7 +5,8 @@ Launched by tests/test_distributed.py as
     torchrun --nproc_per_node 2 tests/scripts/distributed_train.py MODEL_DIR OUT_DIR
 
 Each rank writes OUT_DIR/rank{N}.json with hashes of the policy's and the discriminator's parameters, the
-demonstration/preference rows it scored in each generation batch, and its log_history.
+demonstration/preference rows it scored in each generation batch, the expert completions its SFT term read in each
+micro-step (with their normaliser), and its log_history.
 """
 
 import hashlib
@@ -37,6 +38,9 @@ def params_digest(module: torch.nn.Module) -> tuple[str, float]:
     return digest.hexdigest(), total
 
 
+SFT_BATCH_SIZE = 2  # 2 per rank: an epoch of the 8 demonstrations is 2 optimizer steps on 2 ranks
+
+
 def main(model_path: str, out_dir: str, max_steps: int = 3) -> None:
     prompts = [f"Tell me about the {WORDS[i % len(WORDS)]} and the {WORDS[(3 * i) % len(WORDS)]}" for i in range(16)]
     preference = Dataset.from_dict({"prompt": prompts, "source": ["preference"] * len(prompts)})
@@ -65,6 +69,7 @@ def main(model_path: str, out_dir: str, max_steps: int = 3) -> None:
         demonstration_ratio=0.5,
         adversarial_coef=0.1,
         adversarial_coef_mode="lagrangian",
+        sft_per_device_train_batch_size=SFT_BATCH_SIZE,
     )
     trainer = UniAPLTrainer(
         model=model_path,
@@ -83,6 +88,16 @@ def main(model_path: str, out_dir: str, max_steps: int = 3) -> None:
         return advantages
 
     trainer.adversarial.advantages = recorded_adversarial_advantages
+    sft_reads = []  # per micro-step: the expert token ids this rank's SFT term read, and its normaliser
+    own_micro_batch = trainer.sft._own_micro_batch
+
+    def recorded_own_micro_batch():
+        micro_batch = own_micro_batch()
+        experts = [[token for token in row if token != -100] for row in micro_batch["labels"].tolist()]
+        sft_reads.append({"experts": experts, "normalizer": float(micro_batch["normalizer"])})
+        return micro_batch
+
+    trainer.sft._own_micro_batch = recorded_own_micro_batch
     discriminator_before, _ = params_digest(trainer.discriminator.model)
     policy_before, _ = params_digest(trainer.accelerator.unwrap_model(trainer.model))
     trainer.train()
@@ -103,6 +118,9 @@ def main(model_path: str, out_dir: str, max_steps: int = 3) -> None:
         "adversarial_coef": trainer.adversarial.adversarial_coef,
         "batches": batches,
         "adversarial": adversarial,
+        "sft_reads": sft_reads,
+        "sft_batch_size": SFT_BATCH_SIZE,
+        "num_demonstrations": len(demonstrations),
         "num_generations": trainer.num_generations,
         "log_history": trainer.state.log_history,
     }

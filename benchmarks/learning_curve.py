@@ -37,14 +37,24 @@ from common import machine, quiet_libraries  # noqa: E402
 # The probe's runs: the method (a quality.py method) and its overrides of the protocol's settings. SFT at the two
 # learning rates the issue's 200-step indications found best (15.8% at 1e-3, 20.4% at 2e-3), and UniAPL at the
 # library's defaults (α 0.1, λ 0.1, 16 demonstrations per step) at the issue's learning rate.
+SFT_BATCH_SIZES = (4, 16, 32)
 RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "sft_lr2e-3": ("sft", {"learning_rate": 2e-3}),
     "sft_lr1e-3": ("sft", {"learning_rate": 1e-3}),
     "uniapl_default_lr1e-3": ("uniapl", {"learning_rate": 1e-3}),
+    # The SFT batch-size probe (issue 19: the default of `sft_per_device_train_batch_size`): UniAPL at the issue's
+    # indication (α 1, λ 0.1, lr 1e-3) with 4, 16 and 32 demonstrations per step.
+    **{
+        f"uniapl_a1_sft{size}": ("uniapl", {"learning_rate": 1e-3, "sft_coef": 1.0, "sft_batch_size": size})
+        for size in SFT_BATCH_SIZES
+    },
 }
 CHECKPOINTS = (100, 200, 400, 600, 800)
 # UniAPL's step costs about ten SFT steps (generation of 32 completions); its curve stops earlier.
-RUN_CHECKPOINTS = {"uniapl_default_lr1e-3": (100, 200, 400)}
+RUN_CHECKPOINTS = {
+    "uniapl_default_lr1e-3": (100, 200, 400),
+    **{f"uniapl_a1_sft{size}": (100, 200) for size in SFT_BATCH_SIZES},
+}
 CURVE_METRICS = (
     "prompt_level_strict_acc",
     "inst_level_strict_acc",
@@ -140,7 +150,8 @@ def report(output_dir: str, runs, checkpoints_of, reference) -> dict[str, Any]:
                         "demonstrations_seen": record["budget_to_step"].get("demonstrations_seen"),
                     }
                 )
-        out["runs"][run] = {"method": RUNS[run][0], "config": RUNS[run][1], "points": points}
+        if points:
+            out["runs"][run] = {"method": RUNS[run][0], "config": RUNS[run][1], "points": points}
     protocol.write_json(os.path.join(output_dir, "curve.json"), out)
     lines = ["# Learning-curve probe (validation split, seed 0)", ""]
     if reference:
@@ -183,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference_path = os.path.join(args.output_dir, "reference.json")
     if args.report:
         reference = protocol.read_json(reference_path) if os.path.exists(reference_path) else None
-        return report(args.output_dir, args.runs, checkpoints_of, reference)
+        return report(args.output_dir, list(RUNS), checkpoints_of, reference)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -217,8 +228,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run, method, overrides, checkpoints_of(run), settings, model_path, tokenizer, splits, args.output_dir,
             args.seed, log,
         )  # fmt: skip
-        report(args.output_dir, args.runs, checkpoints_of, protocol.read_json(reference_path))
-    return report(args.output_dir, args.runs, checkpoints_of, protocol.read_json(reference_path))
+        report(args.output_dir, list(RUNS), checkpoints_of, protocol.read_json(reference_path))
+    return report(args.output_dir, list(RUNS), checkpoints_of, protocol.read_json(reference_path))
 
 
 if __name__ == "__main__":

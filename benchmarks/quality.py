@@ -37,6 +37,8 @@ progress.
     python benchmarks/quality.py --regime scarce                   # 48 demonstrations, 1,024 prompts
     python benchmarks/quality.py --regime sparse                   # all-or-nothing IFEval reward
     python benchmarks/quality.py --regime lambda_sweep --base default   # λ values and the Lagrangian mode
+    python benchmarks/quality.py --regime discriminators --base default # online, frozen, reference-conditioned
+    python benchmarks/quality.py --regime switch_points --base default  # where the staged methods switch to RL
     python benchmarks/quality.py --regime default --report         # quality.json/.md from what is finished
     python benchmarks/quality.py --regime default --jobs 2         # the runs in 2 processes side by side
     python benchmarks/quality.py --quick                           # a few minutes, pipeline check only
@@ -615,8 +617,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.regime in protocol.VARIANT_REGIMES and shard[0] == 0
     ):  # the reference configuration's runs already exist in the base regime
         base = protocol.RunStore(os.path.join(args.output_dir, args.base + ("-quick" if args.quick else "")))
-        copied = protocol.reuse_runs(base, store, "uniapl", grid["uniapl"][0], grid_seeds, seeds)
-        print(f"reused {copied} finished UniAPL runs of {base.root}", flush=True)
+        for method in (m for m in grid if m in protocol.METHODS):  # copied only where the configuration is the same
+            copied = protocol.reuse_runs(base, store, method, grid[method][0], grid_seeds, seeds)
+            print(f"reused {copied} finished {method} runs of {base.root}", flush=True)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -52,10 +52,13 @@ SELECTION_METRIC = "prompt_level_strict_acc"
 # words at 2e-3 and was best at 1e-3 at 60 steps, and runs at least three times longer need no larger steps
 # (the issue's SFT -> GRPO ran its GRPO phase at 3e-4). Two-dimensional grids (a learning rate per phase, or a learning
 # rate and the SFT weight α) take two points per dimension inside the one-dimensional ranges.
+# The default regime's first grid runs put SFT's best point on the edge of 5e-4..4e-3 (20.0, 20.0, 23.0, 25.5% on
+# validation at 5e-4, 1e-3, 2e-3, 4e-3): the SFT range moved up an octave again, and the staged methods' SFT phase
+# with it.
 GRID_SIZE = 4
-SFT_LRS = (5e-4, 1e-3, 2e-3, 4e-3)
+SFT_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
 RL_LRS = (1e-4, 2e-4, 5e-4, 1e-3)
-SFT_LRS_2 = (1e-3, 2e-3)
+SFT_LRS_2 = (2e-3, 4e-3)
 RL_LRS_2 = (2e-4, 5e-4)
 # UniAPL's one learning rate drives both of its terms; α (`sft_coef`) sets the SFT term's share. α 0.1 is the
 # library's default; α 1 is the CHORD-style full weight the issue's indication ran (18.8% at 1e-3).
@@ -67,6 +70,10 @@ SWEEP_LAMBDAS = (0.0, 0.1, 0.3, 1.0)
 # Updates after which the frozen-discriminator variant stops training its discriminator: the default
 # discriminator warm-up (16 policy steps, one update per generation batch).
 FREEZE_AFTER_UPDATES = 16
+# Switch points of the staged methods: the SFT phase's share of the steps (the grids run at BASE_SFT_FRACTION,
+# quality.FULL["sft_fraction"]).
+BASE_SFT_FRACTION = 0.5
+SWITCH_FRACTIONS = (0.25, 0.5, 0.75)
 
 
 def grids(regime: str = "default") -> dict[str, list[dict[str, Any]]]:
@@ -118,10 +125,33 @@ def discriminator_grids(base_selection: Mapping[str, Any]) -> dict[str, list[dic
     }
 
 
+def switch_grids(base_selection: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Where to switch from SFT to RL (issue 21, item 4): SFT → GRPO and SFT → A-GRPO at their selected learning rates
+    with the SFT phase at each of SWITCH_FRACTIONS of the steps (the base grid's own `sft_fraction` is one of them,
+    whose runs are the base regime's), and SFT → A-GRPO with λ = 0 at each (the same one-run staged trainer without
+    its discriminator: what separates the two staged methods beyond λ). UniAPL's selected run is the reference."""
+    missing = [m for m in (REFERENCE_METHOD, "sft_then_grpo", "sft_then_agrpo") if m not in base_selection]
+    if missing:
+        raise ValueError(f"The switch-point regime needs the base regime's selection of {missing}: run their grids.")
+    variants = {REFERENCE_METHOD: [dict(base_selection[REFERENCE_METHOD]["config"])]}
+    for method in ("sft_then_grpo", "sft_then_agrpo"):
+        selected = dict(base_selection[method]["config"])
+        for fraction in SWITCH_FRACTIONS:
+            name = method if fraction == BASE_SFT_FRACTION else f"{method}_switch{round(fraction * 100)}"
+            variants[name] = [selected if fraction == BASE_SFT_FRACTION else {**selected, "sft_fraction": fraction}]
+    selected = dict(base_selection["sft_then_agrpo"]["config"])
+    for fraction in SWITCH_FRACTIONS:
+        variants[f"sft_then_agrpo_lambda0_switch{round(fraction * 100)}"] = [
+            {**selected, "sft_fraction": fraction, "adversarial_coef": 0.0}
+        ]
+    return variants
+
+
 # Regimes built from another regime's validation selection: name -> the variants' grids.
 VARIANT_REGIMES: dict[str, Callable[[Mapping[str, Any]], dict[str, list[dict[str, Any]]]]] = {
     "lambda_sweep": sweep_grids,
     "discriminators": discriminator_grids,
+    "switch_points": switch_grids,
 }
 DEFAULT_LAMBDA = 0.1  # quality.FULL["adversarial_coef"]: the λ of grid points that do not set one
 
@@ -153,8 +183,14 @@ def reuse_runs(
 
 
 def method_kind(method: str) -> str:
-    """The training code a method name runs: the variant regimes' other names are UniAPL runs."""
-    return "uniapl" if method.startswith("uniapl_") and method not in METHODS else method
+    """The training code a method name runs: a variant regime's other names (`uniapl_lambda0.3`,
+    `sft_then_grpo_switch25`) run the method they start with."""
+    if method in METHODS:
+        return method
+    for kind in ("sft_then_agrpo", "sft_then_grpo", "uniapl"):
+        if method.startswith(f"{kind}_"):
+            return kind
+    return method
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -318,6 +318,18 @@ def test_quality_quick_end_to_end_resumes_and_reports(tmp_path, student_cache):
     quality.main(argv)
     assert {path: path.stat().st_mtime_ns for path in runs} == mtimes
 
+    # The switch-point regime starts from this selection: the runs at the base grid's own switch are copied from it,
+    # the other switch points (and the one-run staged trainer at λ = 0) train.
+    switch = quality.main([*argv, "--regime", "switch_points", "--base", "default"])
+    switch_root = tmp_path / "switch_points-default-quick"
+    assert switch["complete"] and "sft_then_grpo_switch25" in switch["results"]
+    for method in ("uniapl", "sft_then_grpo", "sft_then_agrpo"):
+        assert "copied_from" in json.loads((switch_root / "runs" / "test" / method / "seed0.json").read_text())
+    trained = json.loads(
+        (switch_root / "runs" / "test" / "sft_then_agrpo_lambda0_switch75" / "seed0.json").read_text()
+    )
+    assert "copied_from" not in trained and trained["config"]["adversarial_coef"] == 0.0
+
 
 @pytest.mark.slow
 def test_quality_jobs_run_shards_in_processes_and_report(tmp_path, student_cache):
@@ -355,6 +367,26 @@ def test_discriminators_regime_compares_co_trained_frozen_and_reference_scorers_
         "sft",
     ]
     assert quality.budget("uniapl_frozen_disc", quality.FULL) == quality.budget("uniapl", quality.FULL)
+
+
+def test_switch_points_regime_moves_only_the_switch_of_the_selected_staged_configurations():
+    protocol, quality = load("quality_protocol"), load("quality")
+    staged = {"sft_learning_rate": 0.002, "learning_rate": 0.0005}
+    selection = {"uniapl": {"config": {"learning_rate": 0.001}}, "sft_then_grpo": {"config": staged}}
+    with pytest.raises(ValueError, match=r"\['sft_then_agrpo'\]"):
+        protocol.switch_grids(selection)
+    selection["sft_then_agrpo"] = {"config": {**staged, "learning_rate": 0.0002}}
+    variants = protocol.switch_grids(selection)
+    assert variants["sft_then_grpo"] == [staged]  # the base grid's own switch: reused, not trained again
+    assert variants["sft_then_grpo_switch25"] == [{**staged, "sft_fraction": 0.25}]
+    assert variants["sft_then_agrpo_switch75"] == [{**staged, "learning_rate": 0.0002, "sft_fraction": 0.75}]
+    assert variants["sft_then_agrpo_lambda0_switch50"][0]["adversarial_coef"] == 0.0
+    assert len(variants) == 1 + 3 * len(protocol.SWITCH_FRACTIONS)
+    kinds = {name: protocol.method_kind(name) for name in variants}
+    assert kinds["sft_then_grpo_switch25"] == "sft_then_grpo"
+    assert kinds["sft_then_agrpo_lambda0_switch25"] == "sft_then_agrpo"
+    settings = {**quality.FULL, "sft_fraction": 0.25}
+    assert quality.budget("sft_then_grpo_switch25", settings)["sft_steps"] == round(0.25 * quality.FULL["steps"])
 
 
 def test_report_lists_an_earlier_grids_runs_without_selecting_them(tmp_path):

@@ -48,8 +48,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,16 +58,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, Qwen3Config, Qwen3ForSequenceClassification
-from transformers.utils import logging as transformers_logging
 
 from ..ifeval import task
 from ..ifeval.rewards import check_response, prompt_text
 from ..reference_scorers import DEFAULT_REFERENCE_TEMPLATE, SequenceClassifierScorer, message_text, ngram_f1_scorer
+from .cache import is_complete, staged_build
 from .student import build_student, default_cache_dir
 
 REFERENCE_SCORER_VERSION = "v1"
 SETTINGS_FILE = "trl_uniapl_reference_scorer.json"
 METRICS_FILE = "metrics.json"
+_NEEDED_FILES = ("config.json", "model.safetensors", "tokenizer.json", METRICS_FILE)
 CANDIDATE_KINDS: tuple[str, ...] = ("superset", "subset", "plain", "same_topic", "other_topic")
 """Where candidates come from (see the module docstring); the label comes from the checkers, not from the kind."""
 NEGATIVE_KINDS: tuple[str, ...] = ("subset", "plain", "same_topic", "other_topic")
@@ -365,14 +364,7 @@ def _tokenizer_fingerprint(path: Path) -> str:
 
 
 def _is_complete(path: Path, settings: dict[str, Any]) -> bool:
-    record = path / SETTINGS_FILE
-    needed = ("config.json", "model.safetensors", "tokenizer.json", METRICS_FILE)
-    if not record.is_file() or not all((path / name).is_file() for name in needed):
-        return False
-    try:
-        return json.loads(record.read_text()) == settings
-    except json.JSONDecodeError:
-        return False
+    return is_complete(path, SETTINGS_FILE, _NEEDED_FILES, settings)
 
 
 def load_metrics(path: str | os.PathLike) -> dict[str, Any]:
@@ -469,12 +461,7 @@ def build_reference_scorer(
         return path
 
     started = time.perf_counter()
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=root))
-    bars_enabled = transformers_logging.is_progress_bar_enabled()
-    if not progress:
-        transformers_logging.disable_progress_bar()
-    try:
+    with staged_build(path, SETTINGS_FILE, _NEEDED_FILES, settings, progress) as staging:
         train_groups = candidate_groups(
             num_train_prompts, seed=_TRAIN_SEED_OFFSET + seed, progress=progress, description="Training triples"
         )
@@ -552,21 +539,6 @@ def build_reference_scorer(
         metrics["heldout_ranking_accuracy"] = metrics["heldout"]["learned"]["ranking_accuracy"]
         metrics["heldout_ranking_accuracy_ngram_f1"] = metrics["heldout"]["ngram_f1"]["ranking_accuracy"]
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        (staging / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True))
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
-        try:
-            os.replace(staging, path)
-        except OSError:  # another process finished the same scorer first
-            if not _is_complete(path, settings):
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        if bars_enabled:
-            transformers_logging.enable_progress_bar()
     return path
 
 

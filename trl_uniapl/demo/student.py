@@ -19,22 +19,21 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.utils import logging as transformers_logging
 
 from ..ifeval import task
 from ..ifeval.rewards import prompt_text
+from .cache import is_complete, staged_build
 from .tiny import build_tiny_model
 
 STUDENT_VERSION = "v1"
 SETTINGS_FILE = "trl_uniapl_student.json"
+_NEEDED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 _FAST_SETTINGS = {
     "hidden_size": 32,
@@ -71,14 +70,7 @@ def _settings(seed: int, **overrides: Any) -> dict[str, Any]:
 
 
 def _is_complete(path: Path, settings: dict[str, Any]) -> bool:
-    record = path / SETTINGS_FILE
-    needed = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-    if not record.is_file() or not all((path / name).is_file() for name in needed):
-        return False
-    try:
-        return json.loads(record.read_text()) == settings
-    except json.JSONDecodeError:
-        return False
+    return is_complete(path, SETTINGS_FILE, _NEEDED_FILES, settings)
 
 
 def _restyle(text: str, rng: random.Random, rate: float) -> str:
@@ -233,12 +225,7 @@ def build_student(
     if not force and _is_complete(path, settings):
         return str(path)
 
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=root))
-    bars_enabled = transformers_logging.is_progress_bar_enabled()
-    if not show_progress:
-        transformers_logging.disable_progress_bar()
-    try:
+    with staged_build(path, SETTINGS_FILE, _NEEDED_FILES, settings, show_progress) as staging:
         corpus = task_corpus(arguments["num_corpus_rows"], seed=seed)
         build_tiny_model(
             staging,
@@ -264,21 +251,6 @@ def build_student(
         )
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / SETTINGS_FILE).write_text(json.dumps(settings, indent=2, sort_keys=True))
-        if path.exists():
-            shutil.rmtree(path, ignore_errors=True)
-        try:
-            os.replace(staging, path)
-        except OSError:  # another process finished the same student first
-            if not _is_complete(path, settings):
-                raise
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    finally:
-        if bars_enabled:
-            transformers_logging.enable_progress_bar()
     return str(path)
 
 

@@ -196,9 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         reference = protocol.read_json(reference_path) if os.path.exists(reference_path) else None
         return report(args.output_dir, list(RUNS), checkpoints_of, reference)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trl_uniapl.demo import student as student_lib
+    from transformers import AutoModelForCausalLM
 
     quiet_libraries()
     wall = time.perf_counter()
@@ -206,15 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def log(line):
         print(f"[{time.perf_counter() - wall:6.0f}s] {line}", flush=True)
 
-    model_path = student_lib.build_student(cache_dir=args.student_cache, fast=args.student_fast, show_progress=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    splits = protocol.make_protocol_splits(
-        args.data_seed,
-        settings["num_demonstrations"],
-        settings["num_preference"],
-        settings["num_validation"],
-        settings["num_test"],
-    )
+    model_path, tokenizer, splits = quality.student_and_splits(args, settings)
     if not os.path.exists(reference_path):
         initial = AutoModelForCausalLM.from_pretrained(model_path)
         metrics = quality.evaluate(initial, tokenizer, splits["validation"], settings)["metrics"]

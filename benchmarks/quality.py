@@ -458,6 +458,24 @@ def score_constant_reply(eval_set, reply: str = CONSTANT_REPLY) -> dict[str, Any
 # ---------------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------------
+def student_and_splits(args, settings: dict[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+    """The cached student (`--student_cache`, `--student_fast`), its tokenizer and the protocol's splits of
+    `--data_seed` at the regime's sizes: what every benchmark run starts from."""
+    from transformers import AutoTokenizer
+
+    from trl_uniapl.demo import student as student_lib
+
+    model_path = student_lib.build_student(cache_dir=args.student_cache, fast=args.student_fast, show_progress=False)
+    splits = protocol.make_protocol_splits(
+        args.data_seed,
+        settings["num_demonstrations"],
+        settings["num_preference"],
+        settings["num_validation"],
+        settings["num_test"],
+    )
+    return model_path, AutoTokenizer.from_pretrained(model_path), splits
+
+
 def regime_settings(args) -> dict[str, Any]:
     settings = dict(QUICK if args.quick else FULL)
     regime = args.base if args.regime in protocol.VARIANT_REGIMES else args.regime
@@ -622,21 +640,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"reused {copied} finished {method} runs of {base.root}", flush=True)
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trl_uniapl.demo import student as student_lib
+    from transformers import AutoModelForCausalLM
 
     quiet_libraries()
     wall_start = time.perf_counter()
-    model_path = student_lib.build_student(cache_dir=args.student_cache, fast=args.student_fast, show_progress=False)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    splits = protocol.make_protocol_splits(
-        args.data_seed,
-        settings["num_demonstrations"],
-        settings["num_preference"],
-        settings["num_validation"],
-        settings["num_test"],
-    )
+    model_path, tokenizer, splits = student_and_splits(args, settings)
 
     if not os.path.exists(reference_path) and shard[0] == 0:  # the untrained student and a constant reply
         initial = AutoModelForCausalLM.from_pretrained(model_path)

@@ -61,6 +61,7 @@ CURVE_METRICS = (
     "unrequested_effect_rate_mean",
     "length_wasserstein_to_expert",
     "expert_logp",
+    "kl_to_start",
 )
 
 
@@ -90,7 +91,10 @@ def run_curve(run, method, overrides, checkpoints, settings, model_path, tokeniz
     if not missing:
         log(f"{run}: every point on disk, skipped")
         return
+    from transformers import AutoModelForCausalLM
+
     run_settings = {**settings, **overrides, "steps": max(checkpoints)}
+    starting_model = AutoModelForCausalLM.from_pretrained(model_path)
     start = time.perf_counter()
     eval_seconds = [0.0]
 
@@ -98,7 +102,7 @@ def run_curve(run, method, overrides, checkpoints, settings, model_path, tokeniz
         if step not in missing:
             return
         began = time.perf_counter()
-        evaluation = quality.evaluate(model, tokenizer, splits["validation"], run_settings)
+        evaluation = quality.evaluate(model, tokenizer, splits["validation"], run_settings, starting_model)
         eval_seconds[0] += time.perf_counter() - began
         m = evaluation["metrics"]
         record = {
@@ -144,7 +148,7 @@ def report(output_dir: str, runs, checkpoints_of, reference) -> dict[str, Any]:
                 points.append(
                     {
                         "step": step,
-                        **{k: record["metrics"][k] for k in CURVE_METRICS},
+                        **{k: record["metrics"].get(k) for k in CURVE_METRICS},
                         "train_seconds_to_step": record["train_seconds_to_step"],
                         "samples": record["budget_to_step"].get("samples"),
                         "demonstrations_seen": record["budget_to_step"].get("demonstrations_seen"),
@@ -158,8 +162,8 @@ def report(output_dir: str, runs, checkpoints_of, reference) -> dict[str, Any]:
         lines += [f"Untrained student: {reference['prompt_level_strict_acc'] * 100:.1f}% prompt strict.", ""]
     lines += [
         "| run | step | prompt strict % | inst strict % | unrequested effects % | length W1 | expert log-prob | "
-        "train s to step |",
-        "|---|---|---|---|---|---|---|---|",
+        "KL to start | train s to step |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for run, entry in out["runs"].items():
         for p in entry["points"]:
@@ -167,6 +171,7 @@ def report(output_dir: str, runs, checkpoints_of, reference) -> dict[str, Any]:
                 f"| {run} | {p['step']} | {p['prompt_level_strict_acc'] * 100:.1f} | "
                 f"{p['inst_level_strict_acc'] * 100:.1f} | {p['unrequested_effect_rate_mean'] * 100:.1f} | "
                 f"{p['length_wasserstein_to_expert']:.2f} | {p['expert_logp']:.3f} | "
+                f"{'–' if p['kl_to_start'] is None else format(p['kl_to_start'], '.3f')} | "
                 f"{p['train_seconds_to_step']:.0f} |"
             )
     with open(os.path.join(output_dir, "curve.md"), "w") as f:

@@ -408,9 +408,10 @@ def run_method(method, model_path, tokenizer, splits, settings, seed, work_dir, 
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------------------------------------------------
-def evaluate(model, tokenizer, eval_set, settings) -> dict[str, Any]:
-    """The project's evaluation (greedy `evaluate_ifeval`, `expert_logprob`) plus the per-prompt records."""
-    from trl_uniapl.ifeval.evaluation import evaluate_ifeval, expert_logprob
+def evaluate(model, tokenizer, eval_set, settings, starting_model=None) -> dict[str, Any]:
+    """The project's evaluation (greedy `evaluate_ifeval`, `expert_logprob`) plus the per-prompt records, and with a
+    `starting_model` the KL from it along the policy's responses (`kl_to_start`, `kl_to_reference`)."""
+    from trl_uniapl.ifeval.evaluation import evaluate_ifeval, expert_logprob, kl_to_reference
 
     start = time.perf_counter()
     results = evaluate_ifeval(
@@ -428,6 +429,8 @@ def evaluate(model, tokenizer, eval_set, settings) -> dict[str, Any]:
         expert_logp=float(np.mean(expert)),
         prompt_level_strict_acc_by_group=results.get("prompt_level_strict_acc_by_group"),
     )
+    if starting_model is not None:
+        metrics["kl_to_start"] = kl_to_reference(model, starting_model, tokenizer, prompts, results["responses"], 100)
     per_prompt = per_prompt_records(
         list(eval_set), results["responses"], results["response_lengths"], results["expert_response_lengths"], expert
     )
@@ -666,7 +669,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model, history, train_seconds = run_method(
                 method, model_path, tokenizer, splits, run_settings, seed, work_dir
             )
-            evaluation = evaluate(model, tokenizer, splits[split], run_settings)
+            starting_model = AutoModelForCausalLM.from_pretrained(model_path)
+            evaluation = evaluate(model, tokenizer, splits[split], run_settings, starting_model)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
         m = evaluation["metrics"]

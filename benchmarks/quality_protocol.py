@@ -437,21 +437,30 @@ def run_protocol(
 # The issue's evidence for why the discriminator does or does not help: tied groups (no GRPO gradient), how well the
 # discriminator separates expert from policy, the adversarial reward and the λ applied.
 SIGNALS = (
+    "reward",
     "frac_reward_zero_std",
+    "entropy",
     "discriminator/acc_real",
     "discriminator/acc_fake",
     "adversarial/reward_mean",
     "adversarial/coef",
 )
+# Measured once after training (quality.evaluate): the mean per-token KL from the starting policy along the policy's
+# own held-out responses (GRPO at β = 0 logs no KL during training).
+EVAL_SIGNALS = ("kl_to_start",)
 
 
 def training_signals(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """Mean over the logged steps, then over seeds, of each training signal the runs logged."""
+    """Mean over the logged steps, then over seeds, of each training signal the runs logged (and the mean over seeds
+    of each of EVAL_SIGNALS the runs measured)."""
     out = {}
     for key in SIGNALS:
         per_run = [np.mean(values) for r in records if (values := [h[key] for h in r.get("history", []) if key in h])]
         if per_run:
             out[key] = float(np.mean(per_run))
+    for key in EVAL_SIGNALS:
+        if values := [r["metrics"][key] for r in records if r["metrics"].get(key) is not None]:
+            out[key] = float(np.mean(values))
     return out
 
 
@@ -619,14 +628,16 @@ def plot_training_curves(out: Mapping[str, Any], directory: str, plt) -> list[st
     why the discriminator helps or does not (tied groups, how well it separates expert from policy, r_adv, λ)."""
     curves = {m: e["training_curves"] for m, e in out["results"].items() if e.get("training_curves")}
     panels = [
+        ("reward", "task reward (mean)"),
         ("frac_reward_zero_std", "frac_reward_zero_std (tied groups)"),
+        ("entropy", "policy entropy"),
         ("discriminator/acc_real", "discriminator acc: expert (solid), policy (dashed)"),
         ("adversarial/reward_mean", "r_adv (mean adversarial reward)"),
         ("adversarial/coef", "applied λ (adversarial/coef)"),
     ]
     if not any(key in c for c in curves.values() for key, _ in panels):
         return []
-    fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.6))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6))
     for ax, (key, title) in zip(axes, panels):
         for index, (method, method_curves) in enumerate(curves.items()):
             color = f"C{index}"
@@ -709,16 +720,15 @@ def markdown(out: Mapping[str, Any]) -> str:
         lines.append(f"| {method} | {entry['paired_seeds']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "## Training signals (test runs; mean over logged steps, then seeds)",
+        "## Training signals (test runs; mean over logged steps, then seeds; `kl_to_start`: after training)",
         "",
-        "| method | " + " | ".join(SIGNALS) + " |",
-        "|" + "---|" * (len(SIGNALS) + 1),
+        "| method | " + " | ".join((*SIGNALS, *EVAL_SIGNALS)) + " |",
+        "|" + "---|" * (len(SIGNALS) + len(EVAL_SIGNALS) + 1),
     ]
     for method, entry in out["results"].items():
         signals = entry.get("training_signals", {})
-        lines.append(
-            f"| {method} | " + " | ".join(f"{signals[k]:.3f}" if k in signals else "–" for k in SIGNALS) + " |"
-        )
+        cells = [f"{signals[k]:.3f}" if k in signals else "–" for k in (*SIGNALS, *EVAL_SIGNALS)]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     if "quality_signals.png" in out.get("plots", []):
         lines += ["", "Per step, mean over the test seeds: `quality_signals.png`.", "", "![](quality_signals.png)"]
     lines += [

@@ -393,7 +393,7 @@ def test_report_lists_an_earlier_grids_runs_without_selecting_them(tmp_path):
     protocol = load("quality_protocol")
     grids = {"sft": protocol.grids()["sft"]}
     store = protocol.RunStore(str(tmp_path))
-    earlier = {"learning_rate": 0.008}  # not in the current grid, and the best validation score on disk
+    earlier = {"learning_rate": 0.016}  # not in the current grid, and the best validation score on disk
     assert protocol.config_id(earlier) not in {protocol.config_id(c) for c in grids["sft"]}
     protocol.write_json(store.grid_path("sft", earlier, 0), {"config": earlier, "seed": 0, "split": "validation",
                         "metrics": {"prompt_level_strict_acc": 0.99, "inst_level_strict_acc": 0.99}})  # fmt: skip

@@ -15,7 +15,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from trl_uniapl.demo import student  # noqa: E402
 from trl_uniapl.ifeval import task  # noqa: E402
-from trl_uniapl.ifeval.evaluation import evaluate_ifeval, expert_logprob, length_wasserstein  # noqa: E402
+from trl_uniapl.ifeval.evaluation import (  # noqa: E402
+    evaluate_ifeval,
+    expert_logprob,
+    kl_to_reference,
+    length_wasserstein,
+)
 from trl_uniapl.ifeval.rewards import prompt_text  # noqa: E402
 
 METRICS = ("prompt_level_strict_acc", "inst_level_strict_acc", "prompt_level_loose_acc", "inst_level_loose_acc")
@@ -128,6 +133,37 @@ def test_expert_logprob_matches_unbatched_computation(model_and_tokenizer):
     assert all(value < 0 and math.isfinite(value) for value in batched)
     plain = expert_logprob(model, tokenizer, [prompt_text(p) for p in prompts], [c[0]["content"] for c in completions])
     assert plain == pytest.approx(batched, abs=1e-4)
+
+
+def test_kl_to_reference_is_zero_to_itself_and_matches_a_hand_computation(model_and_tokenizer):
+    import copy
+
+    model, tokenizer = model_and_tokenizer
+    rows = task.make_splits(seed=0, num_demonstrations=3, num_preference=1, num_eval=1)["demonstrations"]
+    prompts, completions = rows["prompt"], rows["completion"]
+    assert kl_to_reference(model, model, tokenizer, prompts, completions) == pytest.approx(0.0, abs=1e-7)
+    moved = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in moved.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    moved.train()
+    batched = kl_to_reference(moved, model, tokenizer, prompts, completions, batch_size=3)
+    assert moved.training, "the model's training mode was not restored"
+    # By hand: the exact next-token KL at every completion position (EOS included), averaged over all positions.
+    total, count = 0.0, 0
+    for prompt, completion in zip(prompts, completions):
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        prompt_ids = tokenizer(prompt_ids, add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(completion[0]["content"], add_special_tokens=False)["input_ids"]
+        completion_ids += [tokenizer.eos_token_id]
+        with torch.no_grad():
+            ids = torch.tensor([prompt_ids + completion_ids])
+            p, q = torch.log_softmax(moved(ids).logits[0], -1), torch.log_softmax(model(ids).logits[0], -1)
+        for i in range(len(completion_ids)):
+            position = len(prompt_ids) - 1 + i
+            total += (p[position].exp() * (p[position] - q[position])).sum().item()
+            count += 1
+    assert batched == pytest.approx(total / count, rel=1e-4) and batched > 0
 
 
 def test_length_wasserstein():

@@ -284,45 +284,102 @@ def expert_logprob(
     Returns:
         `list[float]`: one mean log-probability (nats per token) per completion.
     """
-    if len(prompts) != len(completions):
-        raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions.")
+    scores: list[float] = []
     was_training = model.training
     model.eval()
-    device = _model_device(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompt_ids = tokenizer(_render_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer([completion_text(c) for c in completions], add_special_tokens=False)["input_ids"]
-    if add_eos:
-        completion_ids = [ids + [tokenizer.eos_token_id] for ids in completion_ids]
-    scores: list[float] = []
     try:
-        for start in range(0, len(prompt_ids), batch_size):
-            pairs = list(zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size]))
-            width = max(len(p) + len(c) for p, c in pairs)
-            input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
-            completion_mask = torch.zeros((len(pairs), width), dtype=torch.bool)
-            for i, (p, c) in enumerate(pairs):
-                sequence = p + c
-                input_ids[i, width - len(sequence) :] = torch.tensor(sequence)
-                attention_mask[i, width - len(sequence) :] = 1
-                completion_mask[i, width - len(c) :] = True
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                position_ids=position_ids.to(device),
-            ).logits.float()
+        for batch in _completion_batches(tokenizer, prompts, completions, batch_size, add_eos, _model_device(model)):
+            logits = model(**batch["inputs"]).logits.float()
             logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-            targets = input_ids[:, 1:].to(device)
-            token_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            mask = completion_mask[:, 1:].to(device)
+            token_logprobs = logprobs.gather(-1, batch["targets"].unsqueeze(-1)).squeeze(-1)
+            mask = batch["mask"]
             sums = (token_logprobs * mask).sum(-1)
             counts = mask.sum(-1).clamp(min=1)
             scores.extend((sums / counts).tolist())
     finally:
         model.train(was_training)
     return scores
+
+
+@torch.no_grad()
+def kl_to_reference(
+    model,
+    reference_model,
+    tokenizer,
+    prompts: Sequence,
+    completions: Sequence,
+    batch_size: int = 16,
+    add_eos: bool = True,
+) -> float:
+    """Mean per-token KL(π_model ‖ π_reference) of the next-token distributions along the given completions.
+
+    At every completion token's position (prompt rendered as in [`expert_logprob`]) both models' full next-token
+    distributions are compared exactly; the result is the mean over all those positions. With the policy's own
+    responses as `completions`, it measures how far training moved the policy where the policy actually goes (e.g. the
+    KL to the starting policy, which GRPO at β = 0 never logs).
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): The trained causal language model.
+        reference_model ([`~transformers.PreTrainedModel`]): The model to compare against (same tokenizer).
+        tokenizer ([`~transformers.PreTrainedTokenizerBase`]): Their tokenizer.
+        prompts (`Sequence`): Prompts, strings or conversational.
+        completions (`Sequence`): Completions, strings or conversational.
+        batch_size (`int`, *optional*, defaults to `16`): Rows per forward pass.
+        add_eos (`bool`, *optional*, defaults to `True`): Include the position of the end-of-sequence token.
+
+    Returns:
+        `float`: nats per token.
+    """
+    total, count = 0.0, 0
+    modes = (model.training, reference_model.training)
+    model.eval()
+    reference_model.eval()
+    try:
+        for batch in _completion_batches(tokenizer, prompts, completions, batch_size, add_eos, _model_device(model)):
+            logprobs = torch.log_softmax(model(**batch["inputs"]).logits.float()[:, :-1], dim=-1)
+            reference_inputs = {k: v.to(_model_device(reference_model)) for k, v in batch["inputs"].items()}
+            reference_logits = reference_model(**reference_inputs).logits.float()[:, :-1].to(logprobs.device)
+            reference_logprobs = torch.log_softmax(reference_logits, dim=-1)
+            token_kl = (logprobs.exp() * (logprobs - reference_logprobs)).sum(-1)
+            total += (token_kl * batch["mask"]).sum().item()
+            count += int(batch["mask"].sum())
+    finally:
+        model.train(modes[0])
+        reference_model.train(modes[1])
+    return total / max(count, 1)
+
+
+def _completion_batches(tokenizer, prompts: Sequence, completions: Sequence, batch_size: int, add_eos: bool, device):
+    """Left-padded (prompt + completion) batches: the model inputs (with explicit position ids), the next-token
+    targets and the mask of the positions that predict a completion token."""
+    if len(prompts) != len(completions):
+        raise ValueError(f"Got {len(prompts)} prompts but {len(completions)} completions.")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompt_ids = tokenizer(_render_prompts(tokenizer, prompts), add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer([completion_text(c) for c in completions], add_special_tokens=False)["input_ids"]
+    if add_eos:
+        completion_ids = [ids + [tokenizer.eos_token_id] for ids in completion_ids]
+    for start in range(0, len(prompt_ids), batch_size):
+        pairs = list(zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size]))
+        width = max(len(p) + len(c) for p, c in pairs)
+        input_ids = torch.full((len(pairs), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(pairs), width), dtype=torch.long)
+        completion_mask = torch.zeros((len(pairs), width), dtype=torch.bool)
+        for i, (p, c) in enumerate(pairs):
+            sequence = p + c
+            input_ids[i, width - len(sequence) :] = torch.tensor(sequence)
+            attention_mask[i, width - len(sequence) :] = 1
+            completion_mask[i, width - len(c) :] = True
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        yield {
+            "inputs": {
+                "input_ids": input_ids.to(device),
+                "attention_mask": attention_mask.to(device),
+                "position_ids": position_ids.to(device),
+            },
+            "targets": input_ids[:, 1:].to(device),
+            "mask": completion_mask[:, 1:].to(device),
+        }
 
 
 def length_wasserstein(a: Sequence[float], b: Sequence[float]) -> float:

@@ -400,8 +400,8 @@ def test_report_lists_an_earlier_grids_runs_without_selecting_them(tmp_path):
     protocol.run_protocol(store, grids, FakeRuns(protocol, store, {"sft": 2}), [0], [0], log=lambda _: None)
     out = protocol.report(store, grids, [0], [0], num_bootstrap=20)
     assert out["selection"]["sft"]["config"] == grids["sft"][2]
-    assert [(p["method"], p["config_id"]) for p in out["superseded_grid"]] == [("sft", "learning_rate=0.008")]
-    assert "| sft | learning_rate=0.008 | 0 | 99.0 | 99.0 |" in (tmp_path / "quality.md").read_text()
+    assert [(p["method"], p["config_id"]) for p in out["superseded_grid"]] == [("sft", "learning_rate=0.016")]
+    assert "| sft | learning_rate=0.016 | 0 | 99.0 | 99.0 |" in (tmp_path / "quality.md").read_text()
 
 
 def test_quality_rejects_zero_jobs(tmp_path):

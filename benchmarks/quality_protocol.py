@@ -60,10 +60,13 @@ SFT_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
 RL_LRS = (1e-4, 2e-4, 5e-4, 1e-3)
 SFT_LRS_2 = (2e-3, 4e-3)
 RL_LRS_2 = (2e-4, 5e-4)
-# UniAPL's one learning rate drives both of its terms; α (`sft_coef`) sets the SFT term's share. α 0.1 is the
-# library's default; α 1 is the CHORD-style full weight the indication ran (18.8% at 1e-3).
-UNIAPL_LRS_2 = (1e-3, 2e-3)
-ALPHAS_2 = (0.1, 1.0)
+# UniAPL's one learning rate drives both of its terms; α (`sft_coef`) sets the SFT term's share. With AdamW the step
+# size follows the learning rate whatever α is, so a one-stage run whose SFT term leads needs SFT's learning rates:
+# SFT's grid peaked at 4e-3 (25.5% on validation, 23.0% at 2e-3, 20.0% at 1e-3). α: the learning-curve probe had
+# α 0.1 (the library's default then) at 11.0% and α 1 at 20.5% after 200 steps at 1e-3 (16 demonstrations per step),
+# so the grid takes α 0.3 and the CHORD-style full weight 1.
+UNIAPL_LRS_2 = (2e-3, 4e-3)
+ALPHAS_2 = (0.3, 1.0)
 # The λ sweep: fixed λ values from 0 (no discriminator) up to the range's end (A_adv and A_task have unit scale), about
 # half a decade apart, plus the base regime's selected λ, and the Lagrangian mode (its initial λ is 0.1).
 SWEEP_LAMBDAS = (0.0, 0.1, 0.3, 1.0)

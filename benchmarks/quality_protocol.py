@@ -417,7 +417,8 @@ def run_protocol(
         write_json(store.selection_path, selection)
     if phase == "grid":
         return selection
-    test_runs = [(m, s) for m in grid for s in seeds]
+    # Seed by seed: a test phase stopped part-way leaves every method at the same finished seeds (paired).
+    test_runs = [(m, s) for s in seeds for m in grid]
     for number, (method, seed) in enumerate(test_runs):
         if number % count != index:
             continue

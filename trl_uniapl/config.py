@@ -37,11 +37,11 @@ class UniAPLConfig(GRPOConfig):
     Parameters:
         > Parameters that control the SFT term α(t)·L_SFT
 
-        sft_coef (`float`, *optional*, defaults to `0.1`):
+        sft_coef (`float`, *optional*, defaults to `1.0`):
             Peak weight α of the negative log-likelihood of the expert completions. `0.0` disables the term. The
-            default is the value that measured best on the quality benchmark's validation split (α sweep of
-            docs/benchmarks.md: 0.1 against 0.3 and 1.0, confirmed on test); a larger α pulls the policy harder
-            towards the expert's likelihood at the cost of task accuracy at small budgets.
+            default is the best of the quality benchmark's validation grid (docs/benchmarks.md, default regime: α 1
+            against 0.3 at both learning rates, with and without the discriminator, 22.5–26.0% against 13.5–16.5%,
+            one seed each); 1 is the grid's edge, larger values were not tried.
         sft_coef_schedule (`str`, *optional*, defaults to `"constant"`):
             How α evolves with the optimizer step, CHORD-style (arXiv 2508.11408): `"constant"`, `"linear"` or
             `"cosine"` decay from `sft_coef` to `sft_coef_final` over the steps after the warm-up.
@@ -71,9 +71,9 @@ class UniAPLConfig(GRPOConfig):
         adversarial_coef (`float`, *optional*, defaults to `0.1`):
             Weight λ of the adversarial advantage A_adv, added to the task advantage after TRL's normalisation:
             A = A_task + λ·A_adv, both of unit scale. In `"lagrangian"` mode this is the initial value of the
-            multiplier. `0.0` (with `"fixed"` mode) disables the discriminator. The default is the value the quality
-            benchmark selected on validation at the default `sft_coef` (0.1 against 0.5, in both regimes run at it;
-            docs/benchmarks.md); larger values bring the lengths closer to the expert's, not the accuracy.
+            multiplier. `0.0` (with `"fixed"` mode) disables the discriminator. The default 0.1 is not a measured
+            optimum: the λ sweep of the quality protocol (`--regime lambda_sweep`) has not run yet
+            (docs/benchmarks.md).
         adversarial_reward (`str` or `None`, *optional*, defaults to `None`):
             Reward computed from the discriminator's logit s = logit D: `"gail"` (−log(1−D)), `"airl"` (s), `"logd"`
             (log D) or `"score"` (s minus the batch's mean expert logit). `None` means `"gail"` with
@@ -212,7 +212,7 @@ class UniAPLConfig(GRPOConfig):
 
     # SFT term
     sft_coef: float = field(
-        default=0.1,
+        default=1.0,
         metadata={"help": "Peak weight alpha of the NLL of the expert completions. 0 disables the SFT term."},
     )
     sft_coef_schedule: str = field(

@@ -95,6 +95,8 @@ FULL = {
     "adversarial_coef": 0.1,
     "discriminator_type": "shared",
     "adversarial_coef_mode": "fixed",
+    # The library's default before these grids chose 1.0 (UniAPLConfig's default now). Every method that reads α
+    # sets it at each grid point, so no run uses this value; it stays so that the committed runs' settings match.
     "sft_coef": 0.1,
     # Fixed a priori for every online-discriminator variant: the default 1e-5 barely moves a fresh discriminator in a
     # few hundred steps.

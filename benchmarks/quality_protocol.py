@@ -585,8 +585,9 @@ def superseded_grid_runs(store: RunStore, grid: Mapping[str, list[dict]]) -> lis
 
 
 def plot(out: Mapping[str, Any], directory: str) -> list[str]:
-    """Test accuracy per method and paired differences against the reference, with their intervals (needs
-    matplotlib, the `plots` extra; without it the report has no figure and says so)."""
+    """Test accuracy per method, paired differences against the reference, and accuracy against the measured train
+    seconds per run (the cost side), with their intervals (needs matplotlib, the `plots` extra; without it the report
+    has no figure and says so)."""
     try:
         import matplotlib
 
@@ -597,7 +598,7 @@ def plot(out: Mapping[str, Any], directory: str) -> list[str]:
     methods = [m for m, e in out["results"].items() if "test" in e]
     if not methods:
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for ax, key, title in (
         (axes[0], "test", "test prompt-level strict acc (%)"),
         (axes[1], "minus_reference", f"minus {out['reference_method']} (points, paired)"),
@@ -610,6 +611,22 @@ def plot(out: Mapping[str, Any], directory: str) -> list[str]:
         ax.set_xticks(range(len(shown)), shown, rotation=25, fontsize=8)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_title(title + ", 95% CI", fontsize=9)
+    timed = [m for m in methods if out["results"][m].get("train_seconds")]
+    cost_ax = axes[2]
+    for method in timed:
+        stats = out["results"][method]["test"]["prompt_level_strict_acc"]
+        seconds = out["results"][method]["train_seconds"]
+        cost_ax.errorbar(
+            seconds,
+            stats["mean"] * 100,
+            yerr=[[(stats["mean"] - stats["low"]) * 100], [(stats["high"] - stats["mean"]) * 100]],
+            fmt="o",
+            capsize=3,
+        )
+        cost_ax.annotate(method, (seconds, stats["mean"] * 100), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    cost_ax.set_xlabel("measured train seconds per run (mean over seeds)", fontsize=8)
+    cost_ax.set_ylabel("test prompt-level strict acc (%)", fontsize=8)
+    cost_ax.set_title("accuracy against cost, 95% CI", fontsize=9)
     fig.tight_layout()
     path = os.path.join(directory, "quality_accuracy.png")
     fig.savefig(path, dpi=110)

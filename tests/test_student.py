@@ -178,3 +178,27 @@ def test_length_wasserstein():
         a = [rng.randint(0, 60) for _ in range(rng.randint(1, 30))]
         b = [rng.gauss(30, 10) for _ in range(rng.randint(1, 30))]
         assert length_wasserstein(a, b) == pytest.approx(stats.wasserstein_distance(a, b))
+
+
+def test_build_student_runs_at_the_build_thread_count_and_restores_the_callers(tmp_path, monkeypatch):
+    # A student built on 1 thread differs in its last bits from one built on 2 (float reductions), and SFT amplifies
+    # that: every build runs at cache.BUILD_THREADS, whatever the caller set.
+    from trl_uniapl.demo import cache
+
+    seen = []
+    warm_up = student._warm_up
+
+    def recording_warm_up(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return warm_up(*args, **kwargs)
+
+    monkeypatch.setattr(student, "_warm_up", recording_warm_up)
+    caller_threads = torch.get_num_threads()
+    other = 1 if cache.BUILD_THREADS != 1 else 3
+    torch.set_num_threads(other)
+    try:
+        student.build_student(cache_dir=tmp_path, fast=True, show_progress=False)
+        assert seen == [cache.BUILD_THREADS]
+        assert torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(caller_threads)

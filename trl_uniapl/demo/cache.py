@@ -5,7 +5,7 @@ next to the final one and rename it into place when done, so that an interrupted
 complete and two processes building the same entry at once both end with a complete one. Both build at a fixed
 number of CPU threads ([`BUILD_THREADS`]): float reductions split across a different number of threads round
 differently, and a student built on 1 thread differs in its last bits from one built on 2, which 200 steps of SFT at
-a high learning rate amplify into points of accuracy (docs/benchmarks.md "The student").
+a high learning rate amplify into points of accuracy (docs/benchmarks.md, "The student was rebuilt per machine").
 """
 
 from __future__ import annotations

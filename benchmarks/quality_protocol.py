@@ -598,32 +598,32 @@ def plot(out: Mapping[str, Any], directory: str) -> list[str]:
     methods = [m for m, e in out["results"].items() if "test" in e]
     if not methods:
         return []
+
+    def percent_intervals(key: str, shown: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Means and (below, above) error bars, in percent, of `shown`'s prompt-level strict accuracy under `key`."""
+        stats = [out["results"][m][key]["prompt_level_strict_acc"] for m in shown]
+        means = np.array([s["mean"] for s in stats]) * 100
+        errors = np.array([[s["mean"] - s["low"], s["high"] - s["mean"]] for s in stats]).reshape(-1, 2).T * 100
+        return means, errors
+
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
     for ax, key, title in (
         (axes[0], "test", "test prompt-level strict acc (%)"),
         (axes[1], "minus_reference", f"minus {out['reference_method']} (points, paired)"),
     ):
         shown = [m for m in methods if key in out["results"][m]]
-        stats = [out["results"][m][key]["prompt_level_strict_acc"] for m in shown]
-        means = np.array([s["mean"] for s in stats]) * 100
-        errors = np.array([[s["mean"] - s["low"], s["high"] - s["mean"]] for s in stats]).T * 100
+        means, errors = percent_intervals(key, shown)
         ax.bar(range(len(shown)), means, yerr=errors if len(shown) else None, capsize=4, alpha=0.7)
         ax.set_xticks(range(len(shown)), shown, rotation=25, fontsize=8)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_title(title + ", 95% CI", fontsize=9)
     timed = [m for m in methods if out["results"][m].get("train_seconds")]
+    seconds = [out["results"][m]["train_seconds"] for m in timed]
+    means, errors = percent_intervals("test", timed)
     cost_ax = axes[2]
-    for method in timed:
-        stats = out["results"][method]["test"]["prompt_level_strict_acc"]
-        seconds = out["results"][method]["train_seconds"]
-        cost_ax.errorbar(
-            seconds,
-            stats["mean"] * 100,
-            yerr=[[(stats["mean"] - stats["low"]) * 100], [(stats["high"] - stats["mean"]) * 100]],
-            fmt="o",
-            capsize=3,
-        )
-        cost_ax.annotate(method, (seconds, stats["mean"] * 100), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    for i, method in enumerate(timed):  # one call per point: each method gets its own colour
+        cost_ax.errorbar(seconds[i], means[i], yerr=errors[:, i : i + 1], fmt="o", capsize=3)
+        cost_ax.annotate(method, (seconds[i], means[i]), fontsize=7, xytext=(4, 3), textcoords="offset points")
     cost_ax.set_xlabel("measured train seconds per run (mean over seeds)", fontsize=8)
     cost_ax.set_ylabel("test prompt-level strict acc (%)", fontsize=8)
     cost_ax.set_title("accuracy against cost, 95% CI", fontsize=9)

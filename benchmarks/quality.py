@@ -31,7 +31,8 @@ comparison; each run's JSON records the demonstrations it read, the completions 
 
 Sampling methods draw `num_generations` = 8 completions per prompt, with the same generation batch. Runs are written
 one file each as they finish; rerunning the same command skips them, so a killed session loses at most the run in
-progress.
+progress. Every regime records the SHA-256 of its student (`student.sha256`) and refuses runs made on another; a
+variant regime copies the base regime's runs of its reference configurations only when both ran on the same student.
 
     python benchmarks/quality.py --regime default                  # 256 demonstrations, 512 prompts, dense reward
     python benchmarks/quality.py --regime scarce                   # 48 demonstrations, 1,024 prompts
@@ -39,6 +40,7 @@ progress.
     python benchmarks/quality.py --regime lambda_sweep --base default   # λ values and the Lagrangian mode
     python benchmarks/quality.py --regime discriminators --base default # online, frozen, reference-conditioned
     python benchmarks/quality.py --regime switch_points --base default  # where the staged methods switch to RL
+    python benchmarks/quality.py --regime edges --base default --phase grid  # one step beyond the grids' ends
     python benchmarks/quality.py --regime default --report         # quality.json/.md from what is finished
     python benchmarks/quality.py --regime default --jobs 2         # the runs in 2 processes side by side
     python benchmarks/quality.py --quick                           # a few minutes, pipeline check only
@@ -47,6 +49,7 @@ progress.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import subprocess
@@ -481,6 +484,66 @@ def student_and_splits(args, settings: dict[str, Any]) -> tuple[str, Any, dict[s
     return model_path, AutoTokenizer.from_pretrained(model_path), splits
 
 
+def student_digest(model_path: str) -> str:
+    """SHA-256 of the student's weights: runs are comparable (and copied between regimes) only on the same student."""
+    digest = hashlib.sha256()
+    with open(os.path.join(model_path, "model.safetensors"), "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def recorded_student(root: str) -> str | None:
+    """The student SHA-256 a regime's runs were made on (`student.sha256`; the default regime's older test phase
+    recorded it as `test_student.sha256`), or None where none was recorded."""
+    for name in ("student.sha256", "test_student.sha256"):
+        if os.path.exists(path := os.path.join(root, name)):
+            with open(path) as f:
+                return f.read().split()[0]
+    return None
+
+
+def record_student(store: protocol.RunStore, model_path: str) -> str:
+    """Record the student of a regime's runs on its first run, and refuse to add runs made on another student."""
+    sha = student_digest(model_path)
+    recorded = recorded_student(store.root)
+    if recorded is None:
+        if os.path.isdir(os.path.join(store.root, "runs")):
+            raise SystemExit(
+                f"{store.root} holds runs but no record of their student (`student.sha256`): write that student's "
+                f"SHA-256 there if you know it (this machine's is {sha}), or use another --output_dir."
+            )
+        os.makedirs(store.root, exist_ok=True)
+        temporary = os.path.join(store.root, f"student.sha256.tmp{os.getpid()}")
+        with open(temporary, "w") as f:  # the --jobs workers both record it: atomically, with the same content
+            f.write(f"{sha}  {os.path.join(model_path, 'model.safetensors')}\n")
+        os.replace(temporary, os.path.join(store.root, "student.sha256"))
+    elif recorded != sha:
+        raise SystemExit(
+            f"{store.root} holds runs made on the student {recorded[:8]}…, but this machine's student is {sha[:8]}…: "
+            f"runs on different students are not paired. Use another --output_dir (or that student's cache)."
+        )
+    return sha
+
+
+def reuse_base_runs(args, store: protocol.RunStore, grid, grid_seeds, seeds, student_sha: str) -> None:
+    """A variant regime's configurations that the base regime already ran are copied, not trained again, but only
+    when the base regime ran on the same student: otherwise they are trained here, so that every run compared in
+    this regime starts from one student."""
+    base = protocol.RunStore(os.path.join(args.output_dir, args.base + ("-quick" if args.quick else "")))
+    base_student = recorded_student(base.root)
+    if base_student is not None and base_student != student_sha:
+        print(
+            f"not reusing the runs of {base.root}: they were made on the student {base_student[:8]}…, this regime "
+            f"runs on {student_sha[:8]}…; its reference configurations are trained here",
+            flush=True,
+        )
+        return
+    for method in (m for m in grid if m in protocol.METHODS):  # copied only where the configuration is the same
+        copied = protocol.reuse_runs(base, store, method, grid[method][0], grid_seeds, seeds)
+        print(f"reused {copied} finished {method} runs of {base.root}", flush=True)
+
+
 def regime_settings(args) -> dict[str, Any]:
     settings = dict(QUICK if args.quick else FULL)
     regime = args.base if args.regime in protocol.VARIANT_REGIMES else args.regime
@@ -636,13 +699,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(protocol.markdown(out))
         return out
     shard = tuple(int(x) for x in args.shard.split("/")) if args.shard else (0, 1)
-    if (
-        args.regime in protocol.VARIANT_REGIMES and shard[0] == 0
-    ):  # the reference configuration's runs already exist in the base regime
-        base = protocol.RunStore(os.path.join(args.output_dir, args.base + ("-quick" if args.quick else "")))
-        for method in (m for m in grid if m in protocol.METHODS):  # copied only where the configuration is the same
-            copied = protocol.reuse_runs(base, store, method, grid[method][0], grid_seeds, seeds)
-            print(f"reused {copied} finished {method} runs of {base.root}", flush=True)
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -650,6 +706,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quiet_libraries()
     wall_start = time.perf_counter()
     model_path, tokenizer, splits = student_and_splits(args, settings)
+    student_sha = record_student(store, model_path)
+    if args.regime in protocol.VARIANT_REGIMES and shard[0] == 0:
+        reuse_base_runs(args, store, grid, grid_seeds, seeds, student_sha)
 
     if not os.path.exists(reference_path) and shard[0] == 0:  # the untrained student and a constant reply
         initial = AutoModelForCausalLM.from_pretrained(model_path)

@@ -150,11 +150,41 @@ def switch_grids(base_selection: Mapping[str, Any]) -> dict[str, list[dict[str, 
     return variants
 
 
+def outward(values: Sequence[float], edge: float) -> float:
+    """The next grid value beyond `edge`, an end of `values`: one more step of the ratio between the two values at
+    that end (2e-3, 4e-3 -> 8e-3; 0.3, 1 -> 3), rounded to one significant digit like the grids' own values."""
+    ordered = sorted(values)
+    inner = ordered[1] if edge == ordered[0] else ordered[-2]
+    return float(f"{edge * edge / inner:.0e}")
+
+
+def edge_grids(base_selection: Mapping[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """Closing the grids (issue 21): for each core method whose selected configuration sits at an end of its grid in
+    some setting, that configuration and, per such setting, the one next value outward. Scored on validation only
+    (`--phase grid`): the selection stays where it is unless an outward point does better. A method selected inside
+    its grid in every setting has nothing to check and is left out."""
+    base_grid = grids()
+    variants = {}
+    for method in CORE_METHODS:
+        if method not in base_selection:
+            continue
+        selected = dict(base_selection[method]["config"])
+        beyond = []
+        for key, value in sorted(selected.items()):
+            values = sorted({c[key] for c in base_grid[method] if key in c})
+            if len(values) > 1 and value in (values[0], values[-1]):
+                beyond.append({**selected, key: outward(values, value)})
+        if beyond:
+            variants[method] = [selected, *beyond]
+    return variants
+
+
 # Regimes built from another regime's validation selection: name -> the variants' grids.
 VARIANT_REGIMES: dict[str, Callable[[Mapping[str, Any]], dict[str, list[dict[str, Any]]]]] = {
     "lambda_sweep": sweep_grids,
     "discriminators": discriminator_grids,
     "switch_points": switch_grids,
+    "edges": edge_grids,
 }
 DEFAULT_LAMBDA = 0.1  # quality.FULL["adversarial_coef"]: the λ of grid points that do not set one
 
@@ -426,9 +456,17 @@ def run_protocol(
             log(f"{method}: grid incomplete, no test run for seed {seed}")
             continue
         path = store.test_path(method, seed)
-        if os.path.exists(path):
-            continue
         config = selection[method]["config"]
+        if os.path.exists(path):
+            record = read_json(path)
+            if record.get("config", config) == config:
+                continue
+            if "copied_from" not in record:  # a run trained here at another configuration: never overwritten
+                raise ValueError(
+                    f"{path} was trained at {config_id(record['config'])}, but the selection is now "
+                    f"{config_id(config)}; move the file away (or use another --output_dir) to run the new selection."
+                )
+            log(f"test: {method} seed {seed}: the run copied from {record['copied_from']} is at another configuration")
         log(f"test: {method} {config_id(config)} seed {seed}")
         record = train_and_evaluate(method, dict(config), seed, "test")
         write_json(path, {**record, "method": method, "config": config, "seed": seed, "split": "test"})

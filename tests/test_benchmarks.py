@@ -391,6 +391,77 @@ def test_switch_points_regime_moves_only_the_switch_of_the_selected_staged_confi
     assert quality.budget("sft_then_grpo_switch25", settings)["sft_steps"] == round(0.25 * quality.FULL["steps"])
 
 
+def test_edges_regime_checks_one_step_beyond_each_setting_selected_at_its_grids_end():
+    protocol = load("quality_protocol")
+    assert protocol.outward((0.002, 0.004), 0.004) == 0.008 and protocol.outward((0.002, 0.004), 0.002) == 0.001
+    assert protocol.outward((0.3, 1.0), 1.0) == 3.0 and protocol.outward((1e-4, 2e-4, 5e-4, 1e-3), 1e-4) == 5e-5
+    selection = {
+        "sft": {"config": {"learning_rate": 0.004}},  # inside its grid: nothing to check
+        "grpo": {"config": {"learning_rate": 0.0001}},
+        "sft_then_agrpo": {"config": {"sft_learning_rate": 0.004, "learning_rate": 0.0005}},
+        "uniapl": {"config": {"learning_rate": 0.002, "sft_coef": 1.0}},
+        "uniapl_no_disc": {"config": {"learning_rate": 0.002, "sft_coef": 1.0}},  # not a core method
+    }
+    variants = protocol.edge_grids(selection)
+    assert list(variants) == ["grpo", "sft_then_agrpo", "uniapl"]
+    assert variants["grpo"] == [{"learning_rate": 0.0001}, {"learning_rate": 5e-05}]
+    assert variants["sft_then_agrpo"][1:] == [
+        {"sft_learning_rate": 0.004, "learning_rate": 0.001},
+        {"sft_learning_rate": 0.008, "learning_rate": 0.0005},
+    ]
+    assert variants["uniapl"] == [
+        {"learning_rate": 0.002, "sft_coef": 1.0},
+        {"learning_rate": 0.001, "sft_coef": 1.0},
+        {"learning_rate": 0.002, "sft_coef": 3.0},
+    ]
+
+
+def test_a_test_run_copied_at_an_earlier_selection_is_replaced_and_a_trained_one_is_refused(tmp_path):
+    protocol = load("quality_protocol")
+    grids = {"sft": protocol.grids()["sft"]}
+    store = protocol.RunStore(str(tmp_path))
+    earlier = grids["sft"][0]
+    protocol.write_json(store.test_path("sft", 0), {"config": earlier, "copied_from": "elsewhere", "seed": 0})
+    fake = FakeRuns(protocol, store, {"sft": 2})
+    protocol.run_protocol(store, grids, fake, [0], [0], log=lambda _: None)
+    assert fake.calls[-1] == ("sft", protocol.config_id(grids["sft"][2]), 0, "test")
+    assert protocol.read_json(store.test_path("sft", 0))["config"] == grids["sft"][2]
+
+    moved = FakeRuns(protocol, store, {"sft": 3})
+    for config in grids["sft"]:
+        os.remove(store.grid_path("sft", config, 0))
+    with pytest.raises(ValueError, match=r"was trained at learning_rate=0.004, but the selection is now "):
+        protocol.run_protocol(store, grids, moved, [0], [0], log=lambda _: None)
+
+
+def test_runs_are_recorded_with_their_student_and_copied_only_from_the_same_student(tmp_path, capsys):
+    protocol, quality = load("quality_protocol"), load("quality")
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "model.safetensors").write_bytes(b"weights")
+    store = protocol.RunStore(str(tmp_path / "edges-default"))
+    sha = quality.record_student(store, str(student))
+    assert quality.recorded_student(store.root) == sha and len(sha) == 64
+    assert quality.record_student(store, str(student)) == sha  # the same student: accepted
+    (student / "model.safetensors").write_bytes(b"other weights")
+    with pytest.raises(SystemExit, match=f"student {sha[:8]}…, but this machine's student is"):
+        quality.record_student(store, str(student))
+    unrecorded = protocol.RunStore(str(tmp_path / "old"))
+    protocol.write_json(unrecorded.test_path("sft", 0), {})
+    with pytest.raises(SystemExit, match="no record of their student"):
+        quality.record_student(unrecorded, str(student))
+
+    base = protocol.RunStore(str(tmp_path / "default"))
+    selected = {"learning_rate": 0.002, "sft_coef": 1.0}
+    protocol.write_json(base.test_path("uniapl", 0), {"config": selected, "seed": 0})
+    (tmp_path / "default" / "test_student.sha256").write_text(f"{'0' * 64}  model.safetensors\n")
+    args = quality.argparse.Namespace(output_dir=str(tmp_path), base="default", quick=False)
+    quality.reuse_base_runs(args, store, {"uniapl": [selected]}, [0], [0], sha)
+    assert "not reusing" in capsys.readouterr().out and not os.path.exists(store.test_path("uniapl", 0))
+    quality.reuse_base_runs(args, store, {"uniapl": [selected]}, [0], [0], "0" * 64)
+    assert protocol.read_json(store.test_path("uniapl", 0))["copied_from"] == base.test_path("uniapl", 0)
+
+
 def test_report_lists_an_earlier_grids_runs_without_selecting_them(tmp_path):
     protocol = load("quality_protocol")
     grids = {"sft": protocol.grids()["sft"]}

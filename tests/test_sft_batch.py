@@ -191,8 +191,9 @@ def test_ratio_zero_trains_the_discriminator_on_the_sft_batch(
 
 
 # ---- 5. the SFT-only warm-up
+@pytest.mark.parametrize("sft_warmup_steps", [3, 0.5])  # 0.5 of 5 steps, rounded up: the same 3 steps
 def test_warmup_steps_generate_nothing_then_the_full_objective_runs(
-    tmp_path, tiny_model_path, preference_dataset, demonstration_dataset
+    tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, sft_warmup_steps
 ):
     reward_calls = []
 
@@ -201,8 +202,9 @@ def test_warmup_steps_generate_nothing_then_the_full_objective_runs(
         return length_reward(completions)
 
     trainer = build_uniapl(tmp_path, tiny_model_path, preference_dataset, demonstration_dataset, reward=counted_reward,
-                           max_steps=5, sft_warmup_steps=3, sft_warmup_learning_rate=1e-3, learning_rate=1e-2,
-                           lr_scheduler_type="linear", sft_coef=0.0, sft_per_device_train_batch_size=4)  # fmt: skip
+                           max_steps=5, sft_warmup_steps=sft_warmup_steps, sft_warmup_learning_rate=1e-3,
+                           learning_rate=1e-2, lr_scheduler_type="linear", sft_coef=0.0,
+                           sft_per_device_train_batch_size=4)  # fmt: skip
     generations = []
     generate = trainer._generate
 
@@ -310,6 +312,7 @@ def test_resume_inside_and_after_the_warmup_equals_the_uninterrupted_run(
         ({"demonstration_ratio": 0.0, "adversarial_reward_scope": "demonstrations"}, "rolls out none"),
         ({"demonstration_ratio": 0.0, "sft_per_device_train_batch_size": None}, "real samples from the SFT term"),
         ({"sft_warmup_learning_rate": 0.0}, "`sft_warmup_learning_rate` must be > 0"),
+        ({"sft_warmup_steps": 2.5}, "must be a whole number of steps (>= 1) or a share of the run in (0, 1)"),
         ({"discriminator_freeze_after_updates": -1}, "`discriminator_freeze_after_updates` must be >= 0"),
     ],
 )

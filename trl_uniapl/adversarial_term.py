@@ -183,7 +183,7 @@ class AdversarialTerm:
     @property
     def coef(self) -> float:
         """λ as the next batch's advantages use it: 0 during the SFT-only warm-up and the discriminator's warm-up."""
-        policy_steps = self.trainer.state.global_step - self.args.sft_warmup_steps
+        policy_steps = self.trainer.state.global_step - self.trainer.sft_warmup_steps
         if policy_steps < self.args.discriminator_warmup_steps:
             return 0.0
         return self.adversarial_coef
@@ -448,7 +448,7 @@ class AdversarialTerm:
                 self.collapse_streak,
                 "it wins outright" if accuracy >= 0.99 else "it cannot tell expert from policy",
             )
-        policy_steps = self.trainer.state.global_step - args.sft_warmup_steps
+        policy_steps = self.trainer.state.global_step - self.trainer.sft_warmup_steps
         if args.adversarial_coef_mode == "lagrangian" and policy_steps >= args.discriminator_warmup_steps:
             updated = self.adversarial_coef + args.adversarial_coef_lr * (divergence - args.divergence_target)
             self.adversarial_coef = min(max(updated, 0.0), args.adversarial_coef_max)

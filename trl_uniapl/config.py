@@ -25,8 +25,8 @@ class UniAPLConfig(GRPOConfig):
     Configuration class for the [`UniAPLTrainer`].
 
     Everything [`~trl.GRPOConfig`] accepts is accepted here and means the same thing. The extra fields configure the
-    three terms UniAPL adds to GRPO (see `method.md` and the README for the objective and which parts of it are a
-    reconstruction of arXiv 2509.25148):
+    three terms UniAPL adds to GRPO (see `method.md` and `docs/guide.md`, "What it optimises", for the objective and
+    which parts of it are a reconstruction of arXiv 2509.25148):
 
         L(θ) = L_GRPO(θ; A_task + λ·A_adv) + α(t)·L_SFT(θ; expert completions)
 
@@ -56,11 +56,13 @@ class UniAPLConfig(GRPOConfig):
             gradient_accumulation_steps × num_processes` demonstrations. `None`: the SFT term reads only the expert
             completions of the demonstration prompts in the generation batch (the behaviour before this option: 2
             demonstrations per optimizer step at 4 prompts × 8 generations and `demonstration_ratio=0.5`).
-        sft_warmup_steps (`int`, *optional*, defaults to `0`):
+        sft_warmup_steps (`float`, *optional*, defaults to `0`):
             First optimizer steps that are SFT only: no generation, no reward call, no GRPO loss, no discriminator
-            update, the SFT term at weight 1. Then the full objective. With `sft_coef=0` afterwards this is the
-            paper's staged SFT → A-GRPO in one run; with `sft_coef > 0`, CHORD's SFT warm-up. Not to be confused with
-            `sft_coef_warmup_steps` (a ramp of α). Needs `sft_per_device_train_batch_size`.
+            update, the SFT term at weight 1. Then the full objective. An integer ≥ 1 is a number of steps; a float
+            in (0, 1) is a share of the run's steps (rounded up), as transformers' `warmup_steps` reads it:
+            `sft_warmup_steps=0.5` is half the run whatever `max_steps` or the epochs make it. With `sft_coef=0`
+            afterwards this is the paper's staged SFT → A-GRPO in one run; with `sft_coef > 0`, CHORD's SFT warm-up.
+            Not to be confused with `sft_coef_warmup_steps` (a ramp of α). Needs `sft_per_device_train_batch_size`.
         sft_warmup_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Constant learning rate of the SFT-only warm-up (`None`: `learning_rate`). With a warm-up, the configured
             schedule (`lr_scheduler_type`, `warmup_steps` / `warmup_ratio`) runs over the policy steps after it, as
@@ -236,11 +238,12 @@ class UniAPLConfig(GRPOConfig):
             "expert completions of the demonstration prompts in the generation batch."
         },
     )
-    sft_warmup_steps: int = field(
+    sft_warmup_steps: float = field(
         default=0,
         metadata={
-            "help": "First optimizer steps that are SFT only (no generation, reward, GRPO loss or discriminator). "
-            "With sft_coef=0 after them: the staged SFT -> A-GRPO in one run."
+            "help": "First optimizer steps that are SFT only (no generation, reward, GRPO loss or discriminator): an "
+            "integer >= 1 of steps, or a float in (0, 1), a share of the run's steps (rounded up). With sft_coef=0 "
+            "after them: the staged SFT -> A-GRPO in one run."
         },
     )
     sft_warmup_learning_rate: float | None = field(
@@ -434,6 +437,11 @@ class UniAPLConfig(GRPOConfig):
         for name in ("sft_coef_warmup_steps", "discriminator_warmup_steps", "sft_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.sft_warmup_steps >= 1 and self.sft_warmup_steps != int(self.sft_warmup_steps):
+            raise ValueError(
+                f"`sft_warmup_steps` must be a whole number of steps (>= 1) or a share of the run in (0, 1), got "
+                f"{self.sft_warmup_steps}."
+            )
         for name in ("discriminator_update_interval", "discriminator_steps", "discriminator_collapse_patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
@@ -576,3 +584,10 @@ class UniAPLConfig(GRPOConfig):
     def uses_discriminator(self) -> bool:
         """Whether the adversarial term can ever be non-zero, hence whether a discriminator is needed."""
         return self.adversarial_coef > 0 or self.adversarial_coef_mode == "lagrangian"
+
+    def get_sft_warmup_steps(self, num_training_steps: int) -> int:
+        """Optimizer steps of the SFT-only warm-up in a run of `num_training_steps` (as `get_warmup_steps` reads
+        `warmup_steps`): `sft_warmup_steps` itself from 1 up, or that share of the run, rounded up."""
+        if self.sft_warmup_steps >= 1:
+            return int(self.sft_warmup_steps)
+        return math.ceil(num_training_steps * self.sft_warmup_steps)

@@ -61,7 +61,7 @@ class SFTTerm:
     # ------------------------------------------------------------------------------------------------------------
     def in_warmup(self, step: int) -> bool:
         """Whether optimizer step `step` is one of the first `sft_warmup_steps`: SFT only, nothing else runs."""
-        return step < self.args.sft_warmup_steps
+        return step < self.trainer.sft_warmup_steps
 
     def coef_at(self, step: int) -> float:
         """α(t): linear warm-up to `sft_coef`, then constant, linear or cosine decay to `sft_coef_final`."""

@@ -294,6 +294,11 @@ class UniAPLTrainer(GRPOTrainer):
             seed=self.args.seed,
         )
 
+    @property
+    def sft_warmup_steps(self) -> int:
+        """Optimizer steps of this run's SFT-only warm-up (`sft_warmup_steps` resolved against the run's length)."""
+        return self.args.get_sft_warmup_steps(self.state.max_steps) if self.sft is not None else 0
+
     def _in_sft_warmup(self) -> bool:
         return self.sft is not None and self.model.training and self.sft.in_warmup(self.state.global_step)
 
@@ -314,7 +319,7 @@ class UniAPLTrainer(GRPOTrainer):
         """With an SFT-only warm-up, a constant `sft_warmup_learning_rate` (default: `learning_rate`) during it, then
         the configured schedule (`lr_scheduler_type`, its warm-up) over the policy steps, as an SFT run then a GRPO
         run would have."""
-        warmup_steps = self.args.sft_warmup_steps if self.sft is not None else 0
+        warmup_steps = self.args.get_sft_warmup_steps(num_training_steps) if self.sft is not None else 0
         if warmup_steps == 0 or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
         policy_schedule = super().create_scheduler(max(num_training_steps - warmup_steps, 1), optimizer)

@@ -65,7 +65,7 @@ def usage() -> str:
 KNOWN_NOISE_LOGS = (
     # bitsandbytes on a CPU with AVX512-BF16 tries to fetch an optional Hub kernel and falls back to its own.
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
-    # Offline the IFEval checkers split sentences with lm-eval's regex splitter; tested, and documented in the README.
+    # Offline the IFEval checkers split sentences with lm-eval's regex splitter; tested, documented in docs/guide.md.
     ("trl_uniapl.ifeval.rewards", "NLTK 'punkt_tab' data is not installed"),
 )
 KNOWN_NOISE_WARNINGS = (

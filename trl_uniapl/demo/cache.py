@@ -25,7 +25,9 @@ from transformers.utils import logging as transformers_logging
 # The thread count of every cached build, whatever the machine. One thread, because with more the float reductions
 # can also depend on the machine's load (MKL may run a product on fewer threads than asked when the cores are busy):
 # two 2-thread builds of the student on one 2-core machine, at different times and loads, differed (SHA-256
-# fcbc6008... and ed7aebfc...).
+# fcbc6008... and ed7aebfc...). One thread fixes the thread count, not the CPU's vector kernels: the same build on an
+# Intel Xeon and on an AMD EPYC machine differs (de247328... and e0f8787e...), which is why the benchmark records
+# the student of every regime's runs.
 BUILD_THREADS = 1
 
 

@@ -277,7 +277,9 @@ def uniapl_options(method: str, settings: dict[str, Any]) -> dict[str, Any]:
         discriminator_learning_rate=settings["discriminator_learning_rate"],
         discriminator_type=settings["discriminator_type"],
     )
-    sft = dict(sft_coef=settings["sft_coef"], sft_per_device_train_batch_size=settings["sft_batch_size"])
+    # One stage: the SFT term from the first step (UniAPLConfig's default is the staged SFT -> A-GRPO).
+    sft = dict(sft_coef=settings["sft_coef"], sft_per_device_train_batch_size=settings["sft_batch_size"],
+               sft_warmup_steps=0)  # fmt: skip
     if kind == "uniapl":
         return {**sft, **online, **extra}
     if kind == "uniapl_no_disc":
@@ -306,7 +308,7 @@ def uniapl_options(method: str, settings: dict[str, Any]) -> dict[str, Any]:
             return {**staged, "adversarial_coef": 0.0, "adversarial_coef_mode": "fixed"}
         return {**staged, **online}
     if kind == "luffy":
-        return dict(sft_coef=0.0, sft_per_device_train_batch_size=None, adversarial_coef=0.0,
+        return dict(sft_coef=0.0, sft_per_device_train_batch_size=None, sft_warmup_steps=0, adversarial_coef=0.0,
                     adversarial_coef_mode="fixed", expert_in_group=True)  # fmt: skip
     raise ValueError(f"{method!r} is not trained by UniAPLTrainer.")
 
@@ -572,7 +574,10 @@ def regime_grid(args, settings) -> dict[str, list[dict[str, Any]]]:
         base_settings = protocol.read_json(os.path.join(base, "settings.json"))
         if base_settings != settings:
             raise SystemExit(f"The base regime in {base} ran with other settings; use the same --steps/--set.")
-        return protocol.VARIANT_REGIMES[args.regime](selection)
+        variants = protocol.VARIANT_REGIMES[args.regime](selection)
+        if set(args.methods) != set(METHODS):  # --methods given: only the variants of those names
+            variants = {name: configs for name, configs in variants.items() if name in args.methods}
+        return variants
     grid = protocol.grids(args.regime)
     return {method: grid[method] for method in args.methods}
 

@@ -373,10 +373,16 @@ def select(grid_runs: Mapping[str, Mapping[str, list[dict[str, Any]]]], grid: Ma
     """Each method's best configuration by mean validation `SELECTION_METRIC` over its grid seeds.
 
     Takes only the grid runs (validation records): test records cannot influence it. A method is selected only when
-    every point of its grid has all its grid seeds; ties go to the earlier grid point.
+    every point of its grid has all its grid seeds; ties go to the earlier grid point. A method with a single
+    configuration (a variant regime's) has nothing to choose: it is selected without validation runs
+    (`validation_score` None where it has none).
     """
     selection = {}
     for method, configs in grid.items():
+        if len(configs) == 1 and not grid_runs.get(method, {}).get(config_id(configs[0])):
+            selection[method] = {"config": configs[0], "config_id": config_id(configs[0]), "validation_score": None,
+                                 "scores": {}, "single_configuration": True}  # fmt: skip
+            continue
         scores = []
         for config in configs:
             records = grid_runs.get(method, {}).get(config_id(config), [])
@@ -427,7 +433,8 @@ def run_protocol(
     `train_and_evaluate(method, config, seed, split)` returns a JSON-able record with at least `metrics`.
     """
     index, count = shard
-    grid_runs = [(m, c, s) for m, configs in grid.items() for c in configs for s in grid_seeds]
+    # A method with one configuration has nothing to select: no validation runs (`select`).
+    grid_runs = [(m, c, s) for m, configs in grid.items() if len(configs) > 1 for c in configs for s in grid_seeds]
     finished = sum(os.path.exists(store.grid_path(*run)) for run in grid_runs)
     tests = sum(os.path.exists(store.test_path(m, s)) for m in grid for s in seeds)
     log(
@@ -802,7 +809,9 @@ def markdown(out: Mapping[str, Any]) -> str:
         for point in points:
             name = f"**{point['config_id']}**" if point["config_id"] == chosen else point["config_id"]
             if point["validation"] is None:
-                lines.append(f"| {method} | {name} | *pending* | *pending* | – | – |")
+                untuned = out["selection"].get(method, {}).get("single_configuration")
+                cell = "– (one configuration, not tuned)" if untuned else "*pending*"
+                lines.append(f"| {method} | {name} | {cell} | {cell} | – | – |")
                 continue
             v = {
                 key: f"{point['validation'][key] * 100:.1f}" if key in point["validation"] else "–"

@@ -257,6 +257,7 @@ def build_trainer(kind, model_path, tokenizer, splits, settings, seed, output_di
                               train_dataset=prompts, processing_class=tokenizer)  # fmt: skip
     elif kind in ("uniapl", "uniapl_no_disc"):
         extra = {"adversarial_coef": 0.0} if kind == "uniapl_no_disc" else dict(settings.get("uniapl_config") or {})
+        extra = {"sft_warmup_steps": 0, "sft_coef": 1.0, **extra}  # the one-stage step (the default is staged)
         trainer = UniAPLTrainer(
             model=model_path,
             reward_funcs=[ifeval_dense_reward],
@@ -585,6 +586,7 @@ def gpu_case(args, model_path: str, mode: str, kind: str) -> dict[str, Any]:
                               train_dataset=prompts, processing_class=tokenizer, **extra)  # fmt: skip
     else:
         config = {"adversarial_coef": 0.0} if kind == "uniapl_no_disc" else json.loads(args.uniapl_config)
+        config = {"sft_warmup_steps": 0, "sft_coef": 1.0, **config}  # the one-stage step (the default is staged)
         trainer = UniAPLTrainer(model=model_path, reward_funcs=[ifeval_dense_reward],
                                 args=UniAPLConfig(**common, **config), train_dataset=splits["preference"],
                                 demonstration_dataset=splits["demonstrations"], processing_class=tokenizer,

@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         gradient_checkpointing=on_gpu,
         model_init_kwargs={"dtype": compute_dtype},
         discriminator_init_kwargs={"dtype": compute_dtype},
+        sft_warmup_steps=0,  # one stage: the SFT term from the first step (the default, 0.5, is SFT -> A-GRPO)
         sft_coef=1.0,
         adversarial_coef=0.1,
         discriminator_learning_rate=1e-4,

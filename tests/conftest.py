@@ -78,10 +78,12 @@ CPU_GRPO_SETTINGS = dict(
 def uniapl_args(output_dir, **overrides):
     from trl_uniapl import UniAPLConfig
 
-    # No discriminator warm-up: the tests check the adversarial term from the first step. α = 1 and λ = 0.1 (the
-    # defaults these tests were written with) keep both terms large on a few steps; the defaults have their own test.
+    # No discriminator warm-up: the tests check the adversarial term from the first step. One stage, α = 1 and
+    # λ = 0.1 (the defaults these tests were written with) keep both terms large on a few steps; the defaults (the
+    # staged SFT -> A-GRPO) have their own tests.
     settings = {
         **CPU_GRPO_SETTINGS,
+        "sft_warmup_steps": 0,
         "sft_coef": 1.0,
         "adversarial_coef": 0.1,
         "discriminator_learning_rate": 1e-2,

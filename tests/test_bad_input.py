@@ -199,8 +199,14 @@ def test_config_validation(overrides):
     [
         (0.5, False, 0.0, {}, r"`demonstration_ratio=0.5` but no demonstrations"),
         # Rolled out never and read by no SFT batch: the demonstrations would never be used.
-        (0.0, True, 0.1, {"sft_coef": 0.0}, r"`demonstration_ratio=0` but \d+ demonstrations"),
-        (0.0, True, 0.0, {"sft_per_device_train_batch_size": None}, r"`demonstration_ratio=0` but \d+ demonstrations"),
+        (0.0, True, 0.1, {"sft_coef": 0.0, "sft_warmup_steps": 0}, r"`demonstration_ratio=0` but \d+ demonstrations"),
+        (
+            0.0,
+            True,
+            0.0,
+            {"sft_per_device_train_batch_size": None, "sft_warmup_steps": 0},
+            r"`demonstration_ratio=0` but \d+ demonstrations",
+        ),  # fmt: skip
         (None, False, 0.1, {}, r"`adversarial_coef=0.1`.*needs expert demonstrations"),
     ],
 )

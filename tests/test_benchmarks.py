@@ -416,6 +416,45 @@ def test_edges_regime_checks_one_step_beyond_each_setting_selected_at_its_grids_
     ]
 
 
+def test_a_variant_with_one_configuration_goes_to_test_without_a_validation_run(tmp_path):
+    protocol = load("quality_protocol")
+    grid = {"uniapl": [{"learning_rate": 0.002}], "sft_then_grpo_switch25": [{"sft_fraction": 0.25}],
+            "sft": [{"learning_rate": 0.001}, {"learning_rate": 0.002}]}  # fmt: skip
+    calls = []
+
+    def fake(method, config, seed, split):
+        calls.append((method, split))
+        score = 0.3 if config.get("learning_rate") == 0.002 else 0.2
+        return {"metrics": {"prompt_level_strict_acc": score}, "per_prompt": _toy_per_prompt(score, seed=seed),
+                "train_seconds": 1.0, "budget": {"samples": 0}}  # fmt: skip
+
+    store = protocol.RunStore(str(tmp_path))
+    selection = protocol.run_protocol(store, grid, fake, [0], [0, 1], log=lambda _: None)
+    assert [c for c in calls if c[1] == "validation"] == [("sft", "validation")] * 2
+    assert sorted(c[0] for c in calls if c[1] == "test") == sorted([*grid] * 2)
+    assert selection["uniapl"]["single_configuration"] and selection["uniapl"]["validation_score"] is None
+    assert selection["sft"]["config"] == {"learning_rate": 0.002}
+    out = protocol.report(store, grid, [0], [0, 1], num_bootstrap=20)
+    assert out["complete"]
+    assert (
+        "| uniapl | **learning_rate=0.002** | – (one configuration, not tuned) |"
+        in (tmp_path / "quality.md").read_text()
+    )
+
+
+def test_methods_picks_variants_of_a_variant_regime(tmp_path):
+    protocol, quality = load("quality_protocol"), load("quality")
+    base = protocol.RunStore(str(tmp_path / "default"))
+    settings = {**quality.FULL, **protocol.REGIMES["default"], "data_seed": 0}
+    base.check_settings(settings)
+    selection = {"uniapl": {"config": {"learning_rate": 0.002, "sft_coef": 1.0}},
+                 "sft_then_agrpo": {"config": {"sft_learning_rate": 0.004, "learning_rate": 0.0005}}}  # fmt: skip
+    protocol.write_json(base.selection_path, selection)
+    argv = ["--regime", "edges", "--base", "default", "--output_dir", str(tmp_path), "--report"]
+    assert set(quality.main(argv)["results"]) == {"uniapl", "sft_then_agrpo"}
+    assert set(quality.main([*argv, "--methods", "uniapl"])["results"]) == {"uniapl"}
+
+
 def test_a_test_run_copied_at_an_earlier_selection_is_replaced_and_a_trained_one_is_refused(tmp_path):
     protocol = load("quality_protocol")
     grids = {"sft": protocol.grids()["sft"]}

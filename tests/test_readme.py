@@ -21,7 +21,9 @@ def test_readme_snippet_runs(tmp_path, monkeypatch):
     trainer = namespace["trainer"]
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logs) == 4
-    assert all("sft/loss" in entry and "discriminator/acc_real" in entry for entry in logs)
+    # The default, SFT -> A-GRPO: the first half SFT only, then GRPO with the discriminator and no SFT term.
+    assert all("sft/loss" in entry and "discriminator/acc_real" not in entry for entry in logs[:2])
+    assert all("sft/loss" not in entry and "discriminator/acc_real" in entry for entry in logs[2:])
     assert os.path.isdir(tmp_path / "uniapl-snippet")
 
 
@@ -48,5 +50,5 @@ def test_example_configs_state_the_config_defaults_of_alpha_and_lambda():
 
     for path in sorted((README.parent / "examples" / "configs").glob("*.yaml")):
         values = yaml.safe_load(path.read_text())
-        for name in ("sft_coef", "adversarial_coef"):
+        for name in ("sft_warmup_steps", "sft_coef", "adversarial_coef"):
             assert values[name] == getattr(UniAPLConfig, name), (path.name, name)

@@ -310,7 +310,11 @@ def test_resume_inside_and_after_the_warmup_equals_the_uninterrupted_run(
         ({"sft_per_device_train_batch_size": 0}, "`sft_per_device_train_batch_size` must be >= 1"),
         ({"demonstration_ratio": 0.0, "discriminator_loss": "bt"}, "Use `discriminator_loss='bce'`"),
         ({"demonstration_ratio": 0.0, "adversarial_reward_scope": "demonstrations"}, "rolls out none"),
-        ({"demonstration_ratio": 0.0, "sft_per_device_train_batch_size": None}, "real samples from the SFT term"),
+        (
+            {"demonstration_ratio": 0.0, "sft_per_device_train_batch_size": None, "sft_warmup_steps": 0},
+            "real samples from the SFT term",
+        ),  # fmt: skip
+        ({"sft_per_device_train_batch_size": None}, "or `sft_warmup_steps=0` for no SFT-only warm-up"),
         ({"sft_warmup_learning_rate": 0.0}, "`sft_warmup_learning_rate` must be > 0"),
         ({"sft_warmup_steps": 2.5}, "must be a whole number of steps (>= 1) or a share of the run in (0, 1)"),
         ({"discriminator_freeze_after_updates": -1}, "`discriminator_freeze_after_updates` must be >= 0"),

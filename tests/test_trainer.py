@@ -471,8 +471,12 @@ def test_plain_grpo_config_with_demonstrations_uses_uniapl_defaults(
     )
     assert isinstance(trainer.args, UniAPLConfig)
     defaults = UniAPLConfig.__dataclass_fields__
-    assert trainer.args.sft_coef == defaults["sft_coef"].default > 0 and trainer.discriminator is not None
+    # The defaults are the staged SFT -> A-GRPO: half the run SFT only, then no SFT term and the discriminator.
+    assert trainer.args.sft_warmup_steps == defaults["sft_warmup_steps"].default == 0.5
+    assert trainer.args.sft_coef == defaults["sft_coef"].default == 0.0
     assert trainer.args.adversarial_coef == defaults["adversarial_coef"].default > 0
+    assert trainer.sft is not None and trainer.discriminator is not None
+    assert trainer.args.get_sft_warmup_steps(200) == 100 and trainer.args.get_sft_warmup_steps(5) == 3
     assert os.path.basename(trainer.args.output_dir) == os.path.basename(str(tmp_path))
 
 

@@ -37,11 +37,12 @@ class UniAPLConfig(GRPOConfig):
     Parameters:
         > Parameters that control the SFT term α(t)·L_SFT
 
-        sft_coef (`float`, *optional*, defaults to `1.0`):
-            Peak weight α of the negative log-likelihood of the expert completions. `0.0` disables the term. The
-            default is the best of the quality benchmark's validation grid (docs/benchmarks.md, default regime: α 1
-            against 0.3 at both learning rates, with and without the discriminator, 22.5–26.0% against 13.5–16.5%,
-            one seed each); 1 is the grid's edge, larger values were not tried.
+        sft_coef (`float`, *optional*, defaults to `0.0`):
+            Peak weight α of the negative log-likelihood of the expert completions after the SFT-only warm-up
+            (`sft_warmup_steps`). `0.0` (the default): no SFT term once the policy phase starts, which with the
+            default warm-up is the staged SFT → A-GRPO, the best method the quality benchmark measured
+            (docs/benchmarks.md). The one-stage UniAPL is `sft_warmup_steps=0` with `sft_coef=1.0`, the best α of
+            its validation grid (α 1 against 0.3 at both learning rates, one seed each).
         sft_coef_schedule (`str`, *optional*, defaults to `"constant"`):
             How α evolves with the optimizer step, CHORD-style (arXiv 2508.11408): `"constant"`, `"linear"` or
             `"cosine"` decay from `sft_coef` to `sft_coef_final` over the steps after the warm-up.
@@ -56,13 +57,15 @@ class UniAPLConfig(GRPOConfig):
             gradient_accumulation_steps × num_processes` demonstrations. `None`: the SFT term reads only the expert
             completions of the demonstration prompts in the generation batch (the behaviour before this option: 2
             demonstrations per optimizer step at 4 prompts × 8 generations and `demonstration_ratio=0.5`).
-        sft_warmup_steps (`float`, *optional*, defaults to `0`):
+        sft_warmup_steps (`float`, *optional*, defaults to `0.5`):
             First optimizer steps that are SFT only: no generation, no reward call, no GRPO loss, no discriminator
             update, the SFT term at weight 1. Then the full objective. An integer ≥ 1 is a number of steps; a float
             in (0, 1) is a share of the run's steps (rounded up), as transformers' `warmup_steps` reads it:
             `sft_warmup_steps=0.5` is half the run whatever `max_steps` or the epochs make it. With `sft_coef=0`
             afterwards this is the paper's staged SFT → A-GRPO in one run; with `sft_coef > 0`, CHORD's SFT warm-up.
             Not to be confused with `sft_coef_warmup_steps` (a ramp of α). Needs `sft_per_device_train_batch_size`.
+            The default, half the run, is where the quality benchmark measured the staged method (docs/benchmarks.md,
+            "Where to switch"). Without demonstrations there is no warm-up: the run is GRPO's.
         sft_warmup_learning_rate (`float` or `None`, *optional*, defaults to `None`):
             Constant learning rate of the SFT-only warm-up (`None`: `learning_rate`). With a warm-up, the configured
             schedule (`lr_scheduler_type`, `warmup_steps` / `warmup_ratio`) runs over the policy steps after it, as
@@ -214,8 +217,11 @@ class UniAPLConfig(GRPOConfig):
 
     # SFT term
     sft_coef: float = field(
-        default=1.0,
-        metadata={"help": "Peak weight alpha of the NLL of the expert completions. 0 disables the SFT term."},
+        default=0.0,
+        metadata={
+            "help": "Peak weight alpha of the NLL of the expert completions after the SFT-only warm-up. 0 (default): "
+            "none, the staged SFT -> A-GRPO; 1 with sft_warmup_steps=0: the one-stage UniAPL."
+        },
     )
     sft_coef_schedule: str = field(
         default="constant",
@@ -239,7 +245,7 @@ class UniAPLConfig(GRPOConfig):
         },
     )
     sft_warmup_steps: float = field(
-        default=0,
+        default=0.5,
         metadata={
             "help": "First optimizer steps that are SFT only (no generation, reward, GRPO loss or discriminator): an "
             "integer >= 1 of steps, or a float in (0, 1), a share of the run's steps (rounded up). With sft_coef=0 "
@@ -506,7 +512,8 @@ class UniAPLConfig(GRPOConfig):
             raise ValueError(
                 f"`sft_warmup_steps={self.sft_warmup_steps}` trains on the SFT term's own batch, but "
                 "`sft_per_device_train_batch_size=None` reads demonstrations only from generation batches, which the "
-                "warm-up does not make. Set `sft_per_device_train_batch_size` (e.g. 16)."
+                "warm-up does not make. Set `sft_per_device_train_batch_size` (e.g. 16), or `sft_warmup_steps=0` for "
+                "no SFT-only warm-up (the default is 0.5, half the run)."
             )
         if self.sft_warmup_learning_rate is not None and self.sft_warmup_learning_rate <= 0:
             raise ValueError(

@@ -25,6 +25,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "num_iterations": 4,
     "max_completion_length": 64,
     "demonstration_ratio": 0.75,
+    "sft_warmup_steps": 0,  # the demo shows the one-stage method; UniAPLConfig's default (0.5) is SFT -> A-GRPO
     "sft_coef": 1.0,
     "adversarial_coef": 0.1,
     "discriminator_learning_rate": 1e-3,

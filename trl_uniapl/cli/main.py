@@ -65,6 +65,8 @@ def usage() -> str:
 KNOWN_NOISE_LOGS = (
     # bitsandbytes on a CPU with AVX512-BF16 tries to fetch an optional Hub kernel and falls back to its own.
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # ... and, offline, the `kernels` package (0.19) says first that it cannot check that kernel's publisher.
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/"),
     # Offline the IFEval checkers split sentences with lm-eval's regex splitter; tested, documented in docs/guide.md.
     ("trl_uniapl.ifeval.rewards", "NLTK 'punkt_tab' data is not installed"),
 )

@@ -576,8 +576,16 @@ def regime_grid(args, settings) -> dict[str, list[dict[str, Any]]]:
             raise SystemExit(f"The base regime in {base} ran with other settings; use the same --steps/--set.")
         variants = protocol.VARIANT_REGIMES[args.regime](selection)
         if set(args.methods) != set(METHODS):  # --methods given: only the variants of those names
+            unknown = sorted(set(args.methods) - set(variants))
+            if unknown:
+                raise SystemExit(
+                    f"--methods {unknown}: not variants of --regime {args.regime}; choose from {list(variants)}."
+                )
             variants = {name: configs for name, configs in variants.items() if name in args.methods}
         return variants
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"--methods {unknown}: unknown; choose from {list(METHODS)}.")
     grid = protocol.grids(args.regime)
     return {method: grid[method] for method in args.methods}
 
@@ -661,7 +669,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "grid, then the test runs); 1: one process, runs in turn.",
     )
     parser.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/n": set by --jobs for its workers
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=list(METHODS),
+        help=f"Methods to run ({', '.join(METHODS)}); in a variant regime, the names of its variants (e.g. "
+        "sft_then_agrpo_switch25).",
+    )
     parser.add_argument("--output_dir", default="benchmarks/results/quality_protocol", help="Parent of the regimes.")
     parser.add_argument(
         "--report",

@@ -453,6 +453,10 @@ def test_methods_picks_variants_of_a_variant_regime(tmp_path):
     argv = ["--regime", "edges", "--base", "default", "--output_dir", str(tmp_path), "--report"]
     assert set(quality.main(argv)["results"]) == {"uniapl", "sft_then_agrpo"}
     assert set(quality.main([*argv, "--methods", "uniapl"])["results"]) == {"uniapl"}
+    with pytest.raises(SystemExit, match=r"--methods \['sft'\]: not variants of --regime edges"):
+        quality.main([*argv, "--methods", "sft"])
+    with pytest.raises(SystemExit, match=r"--methods \['nope'\]: unknown"):
+        quality.main(["--report", "--output_dir", str(tmp_path), "--methods", "nope"])
 
 
 def test_a_test_run_copied_at_an_earlier_selection_is_replaced_and_a_trained_one_is_refused(tmp_path):

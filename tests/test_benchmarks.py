@@ -648,6 +648,9 @@ def test_quality_compare_pairs_runs_of_two_folders_with_the_same_settings(tmp_pa
     difference = out["minus_reference"]["baseline"]["prompt_level_strict_acc"]
     assert 0 < difference["mean"] <= 0.1 and out["minus_reference"]["baseline"]["seeds"] == [0, 1]
     assert json.loads(output.read_text())["reference"]["method"] == "variant"
+    assert out["students"] == {a.root: None, b.root: None}
+    (tmp_path / "a" / "student.sha256").write_text(f"{'1' * 64}  model.safetensors\n")
+    assert compare.main(argv)["students"][a.root] == "1" * 64  # runs on two students: recorded beside the result
     protocol.write_json(os.path.join(b.root, "settings.json"), {"steps": 120})
     with pytest.raises(ValueError, match="other settings"):
         compare.main(argv)

@@ -105,8 +105,10 @@ class UniAPLTrainer(GRPOTrainer):
         L(θ) = L_GRPO(θ; A_task + λ·A_adv) + α(t)·NLL(expert completions)
 
     The objective is a reconstruction (docs/method.md). The GRPO term is TRL's, untouched, and A_task is the advantage
-    TRL computes from the task rewards alone. The two terms UniAPL adds each live in a module of their own, which this
-    class only attaches to GRPOTrainer's hooks:
+    TRL computes from the task rewards alone. With the default configuration the run is staged, the paper's SFT →
+    A-GRPO: the first half SFT only (`sft_warmup_steps=0.5`), then this objective with α = 0 (`sft_coef=0`);
+    `sft_warmup_steps=0` with `sft_coef > 0` gives the one-stage mix. The two terms UniAPL adds each live in a module
+    of their own, which this class only attaches to GRPOTrainer's hooks:
 
     - [`~trl_uniapl.sft_term.SFTTerm`]: α(t)·NLL, the token-mean NLL of the demonstrations each optimizer step reads
       (CHORD-style, arXiv 2508.11408), from a batch of its own (`sft_per_device_train_batch_size`) or from the

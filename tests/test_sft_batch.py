@@ -227,8 +227,8 @@ def test_warmup_steps_generate_nothing_then_the_full_objective_runs(
 
 def test_warmup_step_costs_about_an_sft_trainer_step(tmp_path, tiny_model_path):
     """The warm-up step is Trainer's step on the SFT batch alone; measured against TRL's SFTTrainer on the same
-    demonstrations, batch, model and optimizer (fastest step of interleaved runs: the least noisy estimate of a step's
-    cost on a shared machine)."""
+    demonstrations, batch, model and optimizer (the lower quartile of the steps of interleaved runs: a fast step's
+    cost, the least noisy estimate on a shared machine)."""
     from trl import SFTConfig, SFTTrainer
 
     rows = 32
@@ -272,7 +272,9 @@ def test_warmup_step_costs_about_an_sft_trainer_step(tmp_path, tiny_model_path):
     for _ in range(2):
         sft += sft_step_times()
         uniapl += uniapl_step_times()
-    ratio = min(uniapl) / min(sft)
+    # The lower quartile: a fast step's cost, as the minimum is, but not one outlier's (a minimum alone flaked at 1.22
+    # on an idle machine with the medians 1.03 apart).
+    ratio = statistics.quantiles(uniapl, n=4)[0] / statistics.quantiles(sft, n=4)[0]
     assert ratio <= 1.2, (ratio, min(uniapl), min(sft), statistics.median(uniapl), statistics.median(sft))
 
 

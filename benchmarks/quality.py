@@ -495,20 +495,10 @@ def student_digest(model_path: str) -> str:
     return digest.hexdigest()
 
 
-def recorded_student(root: str) -> str | None:
-    """The student SHA-256 a regime's runs were made on (`student.sha256`; the default regime's older test phase
-    recorded it as `test_student.sha256`), or None where none was recorded."""
-    for name in ("student.sha256", "test_student.sha256"):
-        if os.path.exists(path := os.path.join(root, name)):
-            with open(path) as f:
-                return f.read().split()[0]
-    return None
-
-
 def record_student(store: protocol.RunStore, model_path: str) -> str:
     """Record the student of a regime's runs on its first run, and refuse to add runs made on another student."""
     sha = student_digest(model_path)
-    recorded = recorded_student(store.root)
+    recorded = store.recorded_student()
     if recorded is None:
         if os.path.isdir(os.path.join(store.root, "runs")):
             raise SystemExit(
@@ -532,8 +522,8 @@ def reuse_base_runs(args, store: protocol.RunStore, grid, grid_seeds, seeds, stu
     """A variant regime's configurations that the base regime already ran are copied, not trained again, but only
     when the base regime ran on the same student: otherwise they are trained here, so that every run compared in
     this regime starts from one student."""
-    base = protocol.RunStore(os.path.join(args.output_dir, args.base + ("-quick" if args.quick else "")))
-    base_student = recorded_student(base.root)
+    base = protocol.RunStore(base_dir(args))
+    base_student = base.recorded_student()
     if base_student is not None and base_student != student_sha:
         print(
             f"not reusing the runs of {base.root}: they were made on the student {base_student[:8]}…, this regime "
@@ -556,6 +546,11 @@ def regime_settings(args) -> dict[str, Any]:
     return settings
 
 
+def base_dir(args) -> str:
+    """The folder of a variant regime's base regime (`--base`)."""
+    return os.path.join(args.output_dir, args.base + ("-quick" if args.quick else ""))
+
+
 def regime_dir(args) -> str:
     name = f"{args.regime}-{args.base}" if args.regime in protocol.VARIANT_REGIMES else args.regime
     return os.path.join(args.output_dir, name + ("-quick" if args.quick else ""))
@@ -563,7 +558,7 @@ def regime_dir(args) -> str:
 
 def regime_grid(args, settings) -> dict[str, list[dict[str, Any]]]:
     if args.regime in protocol.VARIANT_REGIMES:
-        base = os.path.join(args.output_dir, args.base + ("-quick" if args.quick else ""))
+        base = base_dir(args)
         selection_path = protocol.RunStore(base).selection_path
         selection = protocol.read_json(selection_path) if os.path.exists(selection_path) else {}
         if "uniapl" not in selection:

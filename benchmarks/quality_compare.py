@@ -45,11 +45,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.path.join(against_root, "settings.json")
     ):
         raise ValueError(f"{reference_root} and {against_root} ran with other settings: their runs do not pair.")
-    from quality import recorded_student
-
     # Runs on two different students still pair by seed and prompt, but a difference then also holds the students'
     # own: said in the output (and on screen), not refused.
-    students = {root: recorded_student(root) for root in (reference_root, against_root)}
+    students = {root: protocol.RunStore(root).recorded_student() for root in (reference_root, against_root)}
     if len(set(students.values())) > 1:
         print(f"note: the two folders' runs were made on different students: {students}")
     reference = test_runs(reference_root, reference_method)

@@ -354,6 +354,15 @@ class RunStore:
     def selection_path(self) -> str:
         return os.path.join(self.root, "selection.json")
 
+    def recorded_student(self) -> str | None:
+        """The student SHA-256 the runs here were made on (`student.sha256`; the default regime's older test phase
+        recorded it as `test_student.sha256`), or None where none was recorded."""
+        for name in ("student.sha256", "test_student.sha256"):
+            if os.path.exists(path := os.path.join(self.root, name)):
+                with open(path) as f:
+                    return f.read().split()[0]
+        return None
+
     def check_settings(self, settings: Mapping[str, Any]) -> None:
         """Refuse to mix runs made with different settings in one folder; record them on the first run."""
         path = os.path.join(self.root, "settings.json")

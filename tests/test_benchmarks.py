@@ -484,7 +484,7 @@ def test_runs_are_recorded_with_their_student_and_copied_only_from_the_same_stud
     (student / "model.safetensors").write_bytes(b"weights")
     store = protocol.RunStore(str(tmp_path / "edges-default"))
     sha = quality.record_student(store, str(student))
-    assert quality.recorded_student(store.root) == sha and len(sha) == 64
+    assert store.recorded_student() == sha and len(sha) == 64
     assert quality.record_student(store, str(student)) == sha  # the same student: accepted
     (student / "model.safetensors").write_bytes(b"other weights")
     with pytest.raises(SystemExit, match=f"student {sha[:8]}…, but this machine's student is"):

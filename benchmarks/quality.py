@@ -67,7 +67,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared helpers in benchmarks/
 import quality_protocol as protocol  # noqa: E402
 from common import apply_overrides, machine, quiet_libraries  # noqa: E402
-from quality_stats import per_prompt_records  # noqa: E402
+from quality_stats import distinct_ngrams, per_prompt_records  # noqa: E402
 
 from trl_uniapl.ifeval.evaluation import _ifeval_metrics  # noqa: E402
 from trl_uniapl.ifeval.rewards import check_response, ifeval_dense_reward, ifeval_strict_reward, prompt_text  # noqa: E402
@@ -435,6 +435,7 @@ def evaluate(model, tokenizer, eval_set, settings, starting_model=None) -> dict[
         length_wasserstein_to_expert=results["length_wasserstein_to_expert"],
         expert_logp=float(np.mean(expert)),
         prompt_level_strict_acc_by_group=results.get("prompt_level_strict_acc_by_group"),
+        distinct_2=distinct_ngrams(results["responses"], 2),
     )
     if starting_model is not None:
         metrics["kl_to_start"] = kl_to_reference(model, starting_model, tokenizer, prompts, results["responses"], 100)
@@ -538,7 +539,7 @@ def reuse_base_runs(args, store: protocol.RunStore, grid, grid_seeds, seeds, stu
 
 def regime_settings(args) -> dict[str, Any]:
     settings = dict(QUICK if args.quick else FULL)
-    regime = args.base if args.regime in protocol.VARIANT_REGIMES else args.regime
+    regime = args.base.removeprefix("edges-") if args.regime in protocol.VARIANT_REGIMES else args.regime
     settings.update(protocol.REGIMES[regime])
     apply_overrides(settings, args.set)
     if args.steps is not None:
@@ -642,9 +643,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--base",
         default="default",
-        choices=list(protocol.REGIMES),
+        choices=[*protocol.REGIMES, *(f"edges-{regime}" for regime in protocol.REGIMES)],
         help=f"Base regime of the variant regimes ({', '.join(protocol.VARIANT_REGIMES)}); its grid phase must be "
-        "finished.",
+        "finished. `edges-<regime>` starts from the selection after the grids were closed (e.g. the λ sweep at "
+        "UniAPL's α selected there, or the `edges` regime once more).",
     )
     parser.add_argument("--quick", action="store_true", help="Tiny settings (a few minutes): checks the pipeline.")
     parser.add_argument("--seeds", type=int, default=None, help="Test seeds per selected configuration (default 5).")

@@ -162,16 +162,23 @@ def edge_grids(base_selection: Mapping[str, Any]) -> dict[str, list[dict[str, An
     """Closing the grids (issue 21): for each core method whose selected configuration sits at an end of its grid in
     some setting, that configuration and, per such setting, the one next value outward. Scored on validation only
     (`--phase grid`): the selection stays where it is unless an outward point does better. A method selected inside
-    its grid in every setting has nothing to check and is left out."""
+    its grid in every setting has nothing to check and is left out.
+
+    A setting's values are those of the grid points that agree with the selection in every other setting (the line
+    through it), over the base grid and the points the base regime itself ran (`grid` in its selection): so an
+    `edges` regime's own selection can be closed in turn (`--base edges-default`)."""
     base_grid = grids()
     variants = {}
     for method in CORE_METHODS:
         if method not in base_selection:
             continue
         selected = dict(base_selection[method]["config"])
+        candidates = [*base_grid[method], *base_selection[method].get("grid", [])]
         beyond = []
         for key, value in sorted(selected.items()):
-            values = sorted({c[key] for c in base_grid[method] if key in c})
+            others = {k: v for k, v in selected.items() if k != key}
+            line = [c for c in candidates if key in c and all(c.get(k) == v for k, v in others.items())]
+            values = sorted({c[key] for c in line})
             if len(values) > 1 and value in (values[0], values[-1]):
                 beyond.append({**selected, key: outward(values, value)})
         if beyond:
@@ -407,6 +414,7 @@ def select(grid_runs: Mapping[str, Mapping[str, list[dict[str, Any]]]], grid: Ma
                 "config_id": config_id(configs[best]),
                 "validation_score": scores[best],
                 "scores": dict(zip(map(config_id, configs), scores)),
+                "grid": [dict(c) for c in configs],
             }
     return selection
 
@@ -504,8 +512,9 @@ SIGNALS = (
     "adversarial/coef",
 )
 # Measured once after training (quality.evaluate): the mean per-token KL from the starting policy along the policy's
-# own held-out responses (GRPO at β = 0 logs no KL during training).
-EVAL_SIGNALS = ("kl_to_start",)
+# own held-out responses (GRPO at β = 0 logs no KL during training), and the distinct bigrams of those responses
+# (runs made before it was added lack it: "–").
+EVAL_SIGNALS = ("kl_to_start", "distinct_2")
 
 
 def training_signals(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -795,7 +804,8 @@ def markdown(out: Mapping[str, Any]) -> str:
         lines.append(f"| {method} | {entry['paired_seeds']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "## Training signals (test runs; mean over logged steps, then seeds; `kl_to_start`: after training)",
+        "## Training signals (test runs; mean over logged steps, then seeds; `kl_to_start`, `distinct_2`: after "
+        "training, on the held-out responses)",
         "",
         "| method | " + " | ".join((*SIGNALS, *EVAL_SIGNALS)) + " |",
         "|" + "---|" * (len(SIGNALS) + len(EVAL_SIGNALS) + 1),

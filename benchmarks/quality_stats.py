@@ -28,6 +28,14 @@ REPORT_METRICS = (
 )
 
 
+def distinct_ngrams(responses: Sequence[str], n: int = 2) -> float | None:
+    """Distinct-n (Li et al., 2016) of a set of responses: distinct word n-grams over all word n-grams, pooled over
+    the responses. 1.0 when no n-gram repeats; it falls as a policy collapses onto the same phrasing whatever the
+    prompt (the diversity question about high λ). None when no response has n words."""
+    ngrams = [tuple(words[i : i + n]) for words in (r.split() for r in responses) for i in range(len(words) - n + 1)]
+    return len(set(ngrams)) / len(ngrams) if ngrams else None
+
+
 def per_prompt_records(
     eval_rows: Sequence[Mapping[str, Any]], responses: Sequence[str], response_lengths, expert_lengths, expert_logp
 ) -> dict[str, list]:

@@ -416,6 +416,47 @@ def test_edges_regime_checks_one_step_beyond_each_setting_selected_at_its_grids_
     ]
 
 
+def test_an_edges_selection_is_closed_in_turn_along_the_line_through_it(tmp_path):
+    protocol, quality = load("quality_protocol"), load("quality")
+    edges_grid = [{"learning_rate": 0.002, "sft_coef": 1.0}, {"learning_rate": 0.001, "sft_coef": 1.0},
+                  {"learning_rate": 0.002, "sft_coef": 3.0}]  # fmt: skip
+    staged = {"sft_learning_rate": 0.004, "learning_rate": 0.0005}
+    staged_grid = [staged, {**staged, "learning_rate": 0.001}, {**staged, "sft_learning_rate": 0.008}]
+    selection = {
+        "uniapl": {"config": {"learning_rate": 0.002, "sft_coef": 3.0}, "grid": edges_grid},
+        "sft_then_agrpo": {"config": staged, "grid": staged_grid},  # interior once its edges were run
+    }
+    # α: 0.3, 1 (base grid), 3 (the edges regime's point) at lr 2e-3 -> 9; lr at α 3 has one value: nothing to close
+    assert protocol.edge_grids(selection) == {
+        "uniapl": [{"learning_rate": 0.002, "sft_coef": 3.0}, {"learning_rate": 0.002, "sft_coef": 9.0}]
+    }
+    # select() records the grid it chose from, which is what a later edges pass reads
+    runs = {"uniapl": {protocol.config_id(c): [{"split": "validation", "metrics": {"prompt_level_strict_acc": i}}]
+                       for i, c in enumerate(edges_grid)}}  # fmt: skip
+    assert protocol.select(runs, {"uniapl": edges_grid})["uniapl"]["grid"] == edges_grid
+    # the variant regimes run from such a selection: `--base edges-default`, with the default regime's settings
+    base = protocol.RunStore(str(tmp_path / "edges-default"))
+    base.check_settings({**quality.FULL, **protocol.REGIMES["default"], "data_seed": 0})
+    protocol.write_json(base.selection_path, selection)
+    argv = ["--regime", "lambda_sweep", "--base", "edges-default", "--output_dir", str(tmp_path), "--report"]
+    out = quality.main(argv)
+    assert out["selection"]["uniapl_lambda1"]["config"] == {
+        "learning_rate": 0.002,
+        "sft_coef": 3.0,
+        "adversarial_coef": 1.0,
+    }
+    assert (tmp_path / "lambda_sweep-edges-default" / "quality.md").exists()
+    with pytest.raises(SystemExit):
+        quality.main(["--regime", "lambda_sweep", "--base", "edges-nope", "--output_dir", str(tmp_path), "--report"])
+
+
+def test_distinct_bigrams_fall_when_responses_repeat_the_same_phrasing():
+    stats = load("quality_stats")
+    assert stats.distinct_ngrams(["a b c", "d e f"], 2) == 1.0
+    assert stats.distinct_ngrams(["a b c", "a b c"], 2) == 0.5
+    assert stats.distinct_ngrams(["one", ""], 2) is None
+
+
 def test_a_variant_with_one_configuration_goes_to_test_without_a_validation_run(tmp_path):
     protocol = load("quality_protocol")
     grid = {"uniapl": [{"learning_rate": 0.002}], "sft_then_grpo_switch25": [{"sft_fraction": 0.25}],

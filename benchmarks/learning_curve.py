@@ -49,11 +49,26 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
         for size in SFT_BATCH_SIZES
     },
 }
+# The cost–quality curves (issue 21, item 4): each core method at its configuration selected on validation (the
+# default regime's `selection.json`; UniAPL's from `edges-default`, after its grid was closed at α 3), the protocol's
+# 200 steps, evaluated every 25 steps. Run alone on an otherwise idle machine, so that their seconds compare.
+COST_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
+    "cost_sft": ("sft", {"learning_rate": 4e-3}),
+    "cost_grpo": ("grpo", {"learning_rate": 1e-4}),
+    "cost_sft_then_grpo": ("sft_then_grpo", {"sft_learning_rate": 4e-3, "learning_rate": 5e-4}),
+    "cost_sft_then_agrpo": ("sft_then_agrpo", {"sft_learning_rate": 4e-3, "learning_rate": 5e-4}),
+    "cost_uniapl": ("uniapl", {"learning_rate": 2e-3, "sft_coef": 3.0}),
+}
+COST_CHECKPOINTS = tuple(range(25, 201, 25))
+# The best two-stage pipeline, whose final validation score the other curves are read against.
+COST_TARGET_RUN = "cost_sft_then_agrpo"
+ALL_RUNS = {**RUNS, **COST_RUNS}
 CHECKPOINTS = (100, 200, 400, 600, 800)
 # UniAPL's step costs about ten SFT steps (generation of 32 completions); its curve stops earlier.
 RUN_CHECKPOINTS = {
     "uniapl_default_lr1e-3": (100, 200, 400),
     **{f"uniapl_a1_sft{size}": (100, 200) for size in SFT_BATCH_SIZES},
+    **{run: COST_CHECKPOINTS for run in COST_RUNS},
 }
 CURVE_METRICS = (
     "prompt_level_strict_acc",
@@ -71,19 +86,35 @@ def point_path(output_dir: str, run: str, step: int) -> str:
 
 class EvaluateAt:
     """A TrainerCallback that evaluates the policy on the validation split at given optimizer steps and writes each
-    point at once (the seconds of evaluation are not counted in the training seconds it records)."""
+    point at once (the seconds of evaluation are not counted in the training seconds it records).
+
+    Steps are counted across trainers (`sft_then_grpo` runs two, and the second's `global_step` restarts at 0)."""
 
     def __init__(self, steps, write):
         from transformers import TrainerCallback
 
         class _Callback(TrainerCallback):
             def on_step_end(inner, args, state, control, model=None, **kwargs):  # noqa: N805
-                if state.global_step in self.steps:
-                    self.write(state.global_step, model, state)
+                self.done += 1
+                if self.done in self.steps:
+                    self.write(self.done, model, state)
                 return control
 
-        self.steps, self.write = set(steps), write
+        self.steps, self.write, self.done = set(steps), write, 0
         self.callback = _Callback()
+
+
+def budget_to_step(method: str, run_settings: dict[str, Any], step: int) -> dict[str, int]:
+    """`quality.budget` of a run's first `step` steps: a staged run spends its first `sft_steps` steps of the WHOLE
+    run on demonstrations only, the other methods the same per step throughout."""
+    whole = quality.budget(method, run_settings)
+    if "sft_steps" in whole:
+        sft_steps = min(step, whole["sft_steps"])
+        per_step = quality.demonstrations_per_step(run_settings)
+        rollouts_per_step = run_settings["per_device_train_batch_size"]
+        return {"optimizer_steps": step, "sft_steps": sft_steps, "demonstrations_seen": sft_steps * per_step,
+                "samples": (step - sft_steps) * rollouts_per_step}  # fmt: skip
+    return {key: value * step // whole["optimizer_steps"] for key, value in whole.items()}
 
 
 def run_curve(run, method, overrides, checkpoints, settings, model_path, tokenizer, splits, output_dir, seed, log):
@@ -115,7 +146,7 @@ def run_curve(run, method, overrides, checkpoints, settings, model_path, tokeniz
             "run_steps": run_settings["steps"],
             "learning_rate_at_step": state.log_history[-1].get("learning_rate") if state.log_history else None,
             "train_seconds_to_step": time.perf_counter() - start - eval_seconds[0],
-            "budget_to_step": quality.budget(method, {**run_settings, "steps": step}),
+            "budget_to_step": budget_to_step(method, run_settings, step),
             "metrics": m,
             "per_prompt": evaluation["per_prompt"],
             "sample_responses": evaluation["sample_responses"],
@@ -155,7 +186,9 @@ def report(output_dir: str, runs, checkpoints_of, reference) -> dict[str, Any]:
                     }
                 )
         if points:
-            out["runs"][run] = {"method": RUNS[run][0], "config": RUNS[run][1], "points": points}
+            out["runs"][run] = {"method": ALL_RUNS[run][0], "config": ALL_RUNS[run][1], "points": points}
+    if COST_TARGET_RUN in out["runs"]:
+        out["cost_to_reach"] = cost_to_reach(out["runs"])
     protocol.write_json(os.path.join(output_dir, "curve.json"), out)
     lines = ["# Learning-curve probe (validation split, seed 0)", ""]
     if reference:
@@ -174,16 +207,97 @@ def report(output_dir: str, runs, checkpoints_of, reference) -> dict[str, Any]:
                 f"{'–' if p['kl_to_start'] is None else format(p['kl_to_start'], '.3f')} | "
                 f"{p['train_seconds_to_step']:.0f} |"
             )
+    if "cost_to_reach" in out:
+        lines += cost_lines(out["cost_to_reach"])
+        if plot_cost_curves(out, output_dir):
+            lines += ["", "![](cost_curves.png)"]
     with open(os.path.join(output_dir, "curve.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return out
 
 
+def cost_to_reach(runs: dict[str, Any]) -> dict[str, Any]:
+    """What each curve costs to first reach the final validation score of the best two-stage pipeline
+    (COST_TARGET_RUN's last point): the step, samples and train seconds of its first point at or above it, and those
+    seconds over the pipeline's own. None where a curve never gets there."""
+    target_point = runs[COST_TARGET_RUN]["points"][-1]
+    target = target_point["prompt_level_strict_acc"]
+    out = {"target_run": COST_TARGET_RUN, "target": target, "runs": {}}
+    for run, entry in runs.items():
+        reached = next((p for p in entry["points"] if p["prompt_level_strict_acc"] >= target), None)
+        out["runs"][run] = None if reached is None else {
+            "step": reached["step"],
+            "samples": reached["samples"],
+            "train_seconds": reached["train_seconds_to_step"],
+            "seconds_over_target": reached["train_seconds_to_step"] / target_point["train_seconds_to_step"],
+        }  # fmt: skip
+    return out
+
+
+def cost_lines(reach: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"## Cost to reach {reach['target_run']}'s final validation score ({reach['target'] * 100:.1f}%)",
+        "",
+        "| run | first step at or above | samples | train s | train s / the pipeline's |",
+        "|---|---|---|---|---|",
+    ]
+    for run, hit in reach["runs"].items():
+        if hit is None:
+            lines.append(f"| {run} | not reached | – | – | – |")
+        else:
+            lines.append(
+                f"| {run} | {hit['step']} | {hit['samples']} | {hit['train_seconds']:.0f} | "
+                f"{hit['seconds_over_target']:.2f} |"
+            )
+    return lines
+
+
+def plot_cost_curves(out: dict[str, Any], output_dir: str) -> bool:
+    """Validation accuracy of the cost runs against optimizer steps, samples and train seconds (`cost_curves.png`);
+    False where matplotlib is not installed (the `plots` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    axes_keys = (("step", "optimizer steps"), ("samples", "sampled completions (rollouts)"),
+                 ("train_seconds_to_step", "train seconds (idle machine)"))  # fmt: skip
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    for run, entry in out["runs"].items():
+        if run not in COST_RUNS:
+            continue
+        for axis, (key, _) in zip(axes, axes_keys):
+            accuracy = [p["prompt_level_strict_acc"] * 100 for p in entry["points"]]
+            axis.plot([p[key] for p in entry["points"]], accuracy, marker="o", markersize=3,
+                      label=run.removeprefix("cost_"))  # fmt: skip
+    for axis, (_, label) in zip(axes, axes_keys):
+        axis.axhline(out["cost_to_reach"]["target"] * 100, color="grey", linestyle=":", linewidth=1)
+        if out.get("reference"):
+            axis.axhline(out["reference"]["prompt_level_strict_acc"] * 100, color="black", linewidth=0.8)
+        axis.set_xlabel(label)
+    axes[0].set_ylabel("validation prompt-level strict %")
+    axes[0].legend(fontsize=8)
+    figure.suptitle("Cost–quality curves: dotted, the staged SFT → A-GRPO's final score; solid, the untrained student")
+    figure.tight_layout()
+    figure.savefig(os.path.join(output_dir, "cost_curves.png"), dpi=110)
+    plt.close(figure)
+    return True
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--runs", nargs="+", default=None, choices=list(ALL_RUNS))
+    parser.add_argument(
+        "--cost",
+        action="store_true",
+        help="The cost–quality curves (COST_RUNS, every 25 steps) instead of the budget probe; run alone on an idle "
+        "machine. Output: benchmarks/results/cost_curves.",
+    )
     parser.add_argument("--checkpoints", nargs="+", type=int, default=None, help="Steps to evaluate at (all runs).")
-    parser.add_argument("--output_dir", default="benchmarks/results/learning_curve")
+    parser.add_argument("--output_dir", default=None, help="Default: benchmarks/results/learning_curve (cost_curves).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data_seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="quality.py's QUICK settings (pipeline check).")
@@ -191,6 +305,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--student_cache", default=None)
     parser.add_argument("--report", action="store_true", help="Only build curve.json / curve.md from disk.")
     args = parser.parse_args(argv)
+    runs = list(COST_RUNS if args.cost else RUNS)
+    args.runs = args.runs or runs
+    args.output_dir = args.output_dir or os.path.join(
+        "benchmarks/results", "cost_curves" if args.cost else "learning_curve"
+    )
+    os.makedirs(args.output_dir, exist_ok=True)
 
     def checkpoints_of(run):
         return tuple(args.checkpoints) if args.checkpoints else RUN_CHECKPOINTS.get(run, CHECKPOINTS)
@@ -199,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference_path = os.path.join(args.output_dir, "reference.json")
     if args.report:
         reference = protocol.read_json(reference_path) if os.path.exists(reference_path) else None
-        return report(args.output_dir, list(RUNS), checkpoints_of, reference)
+        return report(args.output_dir, runs, checkpoints_of, reference)
 
     from transformers import AutoModelForCausalLM
 
@@ -218,13 +338,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         del initial
     protocol.write_json(os.path.join(args.output_dir, "settings.json"), {**settings, "data_seed": args.data_seed})
     for run in args.runs:
-        method, overrides = RUNS[run]
+        method, overrides = ALL_RUNS[run]
         run_curve(
             run, method, overrides, checkpoints_of(run), settings, model_path, tokenizer, splits, args.output_dir,
             args.seed, log,
         )  # fmt: skip
-        report(args.output_dir, list(RUNS), checkpoints_of, protocol.read_json(reference_path))
-    return report(args.output_dir, list(RUNS), checkpoints_of, protocol.read_json(reference_path))
+        report(args.output_dir, runs, checkpoints_of, protocol.read_json(reference_path))
+    return report(args.output_dir, runs, checkpoints_of, protocol.read_json(reference_path))
 
 
 if __name__ == "__main__":

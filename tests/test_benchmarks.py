@@ -619,6 +619,54 @@ def test_learning_curve_writes_each_point_on_validation_and_resumes(tmp_path, st
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sft_lr2e-3").iterdir()} == mtimes
 
 
+def test_cost_curves_count_steps_across_a_staged_runs_two_trainers(tmp_path, student_cache):
+    curve, quality = load("learning_curve"), load("quality")
+    argv = ["--cost", "--quick", "--student_fast", "--student_cache", student_cache, "--output_dir", str(tmp_path),
+            "--runs", "cost_sft_then_grpo", "cost_sft_then_agrpo", "--checkpoints", "1", "2"]  # fmt: skip
+    out = curve.main(argv)
+    batch = quality.QUICK["per_device_train_batch_size"]
+    for run in ("cost_sft_then_grpo", "cost_sft_then_agrpo"):
+        points = out["runs"][run]["points"]
+        # step 1 is the SFT phase (no rollouts), step 2 the RL phase: the second trainer's step 1 is step 2
+        assert [(p["step"], p["samples"]) for p in points] == [(1, 0), (2, batch)], run
+        assert points[1]["train_seconds_to_step"] > points[0]["train_seconds_to_step"]
+    reach = out["cost_to_reach"]
+    final = out["runs"]["cost_sft_then_agrpo"]["points"][-1]
+    assert reach["target"] == final["prompt_level_strict_acc"]
+    assert reach["runs"]["cost_sft_then_agrpo"]["step"] <= 2
+    assert (tmp_path / "cost_curves.png").is_file() and "## Cost to reach" in (tmp_path / "curve.md").read_text()
+
+
+def test_cost_to_reach_takes_the_first_point_at_the_pipelines_final_score():
+    curve = load("learning_curve")
+
+    def points(scores, seconds_per_step):
+        rows = [(25 * (i + 1), score) for i, score in enumerate(scores)]
+        return {"points": [{"step": step, "samples": 0, "prompt_level_strict_acc": score,
+                            "train_seconds_to_step": seconds_per_step * step} for step, score in rows]}  # fmt: skip
+
+    runs = {"cost_sft_then_agrpo": points([0.1, 0.2, 0.3], 1.0), "cost_sft": points([0.25, 0.3, 0.2], 0.5),
+            "cost_grpo": points([0.05, 0.1, 0.1], 1.0)}  # fmt: skip
+    reach = curve.cost_to_reach(runs)
+    assert reach["target"] == 0.3 and reach["runs"]["cost_grpo"] is None
+    assert reach["runs"]["cost_sft"] == {
+        "step": 50,
+        "samples": 0,
+        "train_seconds": 25.0,
+        "seconds_over_target": 25 / 75,
+    }
+
+
+def test_cost_runs_are_the_configurations_selected_on_validation():
+    curve = load("learning_curve")
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality_protocol"
+    default = json.loads((results / "default" / "selection.json").read_text())
+    edges = json.loads((results / "edges-default" / "selection.json").read_text())
+    for run, (method, config) in curve.COST_RUNS.items():
+        selected = (edges if method == "uniapl" else default)[method]["config"]
+        assert config == selected, run
+
+
 def test_speed_smallest_setting(tmp_path, student_cache):
     speed = load("speed")
     output_dir = tmp_path / "speed"

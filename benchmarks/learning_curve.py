@@ -336,7 +336,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         protocol.write_json(reference_path, {**metrics, "split": "validation", "machine": machine()})
         log(f"untrained student on validation: prompt strict {metrics['prompt_level_strict_acc']:.3f}")
         del initial
-    protocol.write_json(os.path.join(args.output_dir, "settings.json"), {**settings, "data_seed": args.data_seed})
+    student = quality.student_digest(model_path)  # points compare only on the same student
+    protocol.write_json(
+        os.path.join(args.output_dir, "settings.json"), {**settings, "data_seed": args.data_seed, "student": student}
+    )
     for run in args.runs:
         method, overrides = ALL_RUNS[run]
         run_curve(

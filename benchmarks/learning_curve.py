@@ -50,14 +50,14 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     },
 }
 # The cost–quality curves (issue 21, item 4): each core method at its configuration selected on validation (the
-# default regime's `selection.json`; UniAPL's from `edges-default`, after its grid was closed at α 3), the protocol's
-# 200 steps, evaluated every 25 steps. Run alone on an otherwise idle machine, so that their seconds compare.
+# default regime's `selection.json`; UniAPL's from `edges-edges-default`, its grid closed twice, at α 9), the
+# protocol's 200 steps, evaluated every 25 steps. Run alone on an otherwise idle machine, so that seconds compare.
 COST_RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "cost_sft": ("sft", {"learning_rate": 4e-3}),
     "cost_grpo": ("grpo", {"learning_rate": 1e-4}),
     "cost_sft_then_grpo": ("sft_then_grpo", {"sft_learning_rate": 4e-3, "learning_rate": 5e-4}),
     "cost_sft_then_agrpo": ("sft_then_agrpo", {"sft_learning_rate": 4e-3, "learning_rate": 5e-4}),
-    "cost_uniapl": ("uniapl", {"learning_rate": 2e-3, "sft_coef": 3.0}),
+    "cost_uniapl": ("uniapl", {"learning_rate": 2e-3, "sft_coef": 9.0}),
 }
 COST_CHECKPOINTS = tuple(range(25, 201, 25))
 # The best two-stage pipeline, whose final validation score the other curves are read against.

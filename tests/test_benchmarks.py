@@ -661,7 +661,7 @@ def test_cost_runs_are_the_configurations_selected_on_validation():
     curve = load("learning_curve")
     results = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "quality_protocol"
     default = json.loads((results / "default" / "selection.json").read_text())
-    edges = json.loads((results / "edges-default" / "selection.json").read_text())
+    edges = json.loads((results / "edges-edges-default" / "selection.json").read_text())
     for run, (method, config) in curve.COST_RUNS.items():
         selected = (edges if method == "uniapl" else default)[method]["config"]
         assert config == selected, run

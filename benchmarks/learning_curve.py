@@ -14,6 +14,11 @@ same data, so the same trajectory) and only the missing points are evaluated and
     OMP_NUM_THREADS=1 python benchmarks/learning_curve.py                      # the probe of docs/benchmarks.md
     python benchmarks/learning_curve.py --runs sft_lr2e-3 --checkpoints 100 200   # part of it
     python benchmarks/learning_curve.py --report                               # curve.json / curve.md from disk
+    python benchmarks/learning_curve.py --cost                                 # the cost–quality curves (idle machine)
+
+`--cost` trains the core methods at their selected configurations instead (COST_RUNS) and adds what each costs to
+reach the best two-stage pipeline's final validation score, and `cost_curves.png` (accuracy against steps, sampled
+completions and train seconds), in `benchmarks/results/cost_curves/`.
 """
 
 from __future__ import annotations

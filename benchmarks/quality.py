@@ -604,21 +604,22 @@ def _without_options(argv: list[str], options: dict[str, int]) -> list[str]:
 def run_in_processes(argv: list[str], args, store: protocol.RunStore, grid, grid_seeds) -> None:
     """`--jobs N`: N worker processes for the grid, the selection, then N workers for the test runs.
 
-    Each worker takes every N-th run of the phase (`run_protocol(shard=...)`) with `cpu_count // N` threads: the
-    student is so small that one process leaves cores idle between its many small operations (the earlier protocol ran
-    its seeds as three single-thread processes). Logs go to `<regime>/logs/`; a failed worker leaves its finished runs
-    on disk.
+    The workers of a phase share its runs still to do as a queue (`run_protocol(claim=...)`, through a claims folder
+    of that phase): each takes the next run no other has taken, with `cpu_count // N` threads (the student is so
+    small that one process leaves cores idle between its many small operations). Logs go to `<regime>/logs/`; a
+    failed worker leaves its finished runs on disk.
     """
-    base = _without_options(argv, {"--jobs": 1, "--phase": 1, "--shard": 1})
+    base = _without_options(argv, {"--jobs": 1, "--phase": 1, "--shard": 1, "--claims": 1})
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     environment = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     os.makedirs(os.path.join(store.root, "logs"), exist_ok=True)
     for phase in {"all": ("grid", "test"), "grid": ("grid",), "test": ("test",)}[args.phase]:
         workers = []
+        claims = tempfile.mkdtemp(prefix=f"uniapl-claims-{phase}-")  # fresh per phase: no claim outlives its command
         for index in range(args.jobs):
             log = open(os.path.join(store.root, "logs", f"{phase}-shard{index}.txt"), "a")
             command = [sys.executable, os.path.abspath(__file__), *base, "--phase", phase, "--shard",
-                       f"{index}/{args.jobs}"]  # fmt: skip
+                       f"{index}/{args.jobs}", "--claims", claims]  # fmt: skip
             print(f"{phase} shard {index}/{args.jobs}: log {log.name}", flush=True)
             workers.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment), log))
         failed = []
@@ -627,6 +628,7 @@ def run_in_processes(argv: list[str], args, store: protocol.RunStore, grid, grid
             log.close()
             if process.returncode != 0:
                 failed.append(index)
+        shutil.rmtree(claims, ignore_errors=True)
         if failed:
             raise RuntimeError(
                 f"{phase} shards {failed} failed (logs in {store.root}/logs); the finished runs are on disk: rerun "
@@ -666,6 +668,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "grid, then the test runs); 1: one process, runs in turn.",
     )
     parser.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # "i/n": set by --jobs for its workers
+    parser.add_argument("--claims", default=None, help=argparse.SUPPRESS)  # the phase's claims folder, set by --jobs
     parser.add_argument(
         "--methods",
         nargs="+",
@@ -708,6 +711,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}.")
     store.check_settings(settings)
     if args.jobs > 1:
+        if args.regime in protocol.VARIANT_REGIMES:  # before the workers start: they queue the runs still to do
+            from trl_uniapl.demo import student as student_lib
+
+            model_path = student_lib.build_student(cache_dir=args.student_cache, fast=args.student_fast)
+            reuse_base_runs(args, store, grid, grid_seeds, seeds, record_student(store, model_path))
         run_in_processes(argv if argv is not None else sys.argv[1:], args, store, grid, grid_seeds)
         if os.path.exists(reference_path):
             extra["reference"] = protocol.read_json(reference_path)
@@ -723,7 +731,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall_start = time.perf_counter()
     model_path, tokenizer, splits = student_and_splits(args, settings)
     student_sha = record_student(store, model_path)
-    if args.regime in protocol.VARIANT_REGIMES and shard[0] == 0:
+    if args.regime in protocol.VARIANT_REGIMES and not args.shard:  # with --jobs, the parent did it
         reuse_base_runs(args, store, grid, grid_seeds, seeds, student_sha)
 
     if not os.path.exists(reference_path) and shard[0] == 0:  # the untrained student and a constant reply
@@ -774,6 +782,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         phase=args.phase,
         log=lambda line: print(line, flush=True),
         shard=shard,
+        claim=protocol.claimer(args.claims) if args.claims else None,
     )
     if args.shard:  # a worker of --jobs: the parent reports once every shard has finished
         return {}

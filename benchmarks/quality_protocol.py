@@ -16,6 +16,7 @@ Layout of a regime's folder:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -429,6 +430,21 @@ def load_grid_runs(store: RunStore, grid: Mapping[str, list[dict]], grid_seeds: 
     return runs
 
 
+def claimer(directory: str) -> Callable[[str], bool]:
+    """`run_protocol(claim=...)` for processes that share `directory` (one per phase of one `--jobs` command): a run
+    goes to the first process that claims it, by creating its claim file atomically (O_EXCL)."""
+
+    def claim(path: str) -> bool:
+        name = hashlib.sha1(os.path.abspath(path).encode()).hexdigest()
+        try:
+            os.close(os.open(os.path.join(directory, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+    return claim
+
+
 TrainAndEvaluate = Callable[[str, dict[str, Any], int, str], dict[str, Any]]
 
 
@@ -441,15 +457,23 @@ def run_protocol(
     phase: str = "all",
     log: Callable[[str], None] = print,
     shard: tuple[int, int] = (0, 1),
+    claim: Callable[[str], bool] | None = None,
 ) -> dict[str, Any]:
     """Grid on validation for every method, selection, then `seeds` on test at each selected configuration.
 
     Every finished run is written at once; a rerun skips what exists. `phase="grid"` stops after the selection,
     `phase="test"` skips the grid (its runs must be on disk). `shard=(i, n)` runs only every n-th run of each phase,
-    starting at the i-th: n processes with the n shards of one phase do every run of it once (`quality.py --jobs`).
-    `train_and_evaluate(method, config, seed, split)` returns a JSON-able record with at least `metrics`.
+    starting at the i-th: n processes with the n shards of one phase do every run of it once. With `claim` (what
+    `quality.py --jobs` passes, see `claimer`) the processes share the phase's runs still to do as a queue instead:
+    each takes the next unclaimed one, so none idles while another has runs left (finished runs, and runs of very
+    different lengths, unbalance a fixed split). `train_and_evaluate(method, config, seed, split)` returns a
+    JSON-able record with at least `metrics`.
     """
     index, count = shard
+
+    def mine(number: int, path: str) -> bool:
+        return claim(path) if claim is not None else number % count == index
+
     # A method with one configuration has nothing to select: no validation runs (`select`).
     grid_runs = [(m, c, s) for m, configs in grid.items() if len(configs) > 1 for c in configs for s in grid_seeds]
     finished = sum(os.path.exists(store.grid_path(*run)) for run in grid_runs)
@@ -461,20 +485,20 @@ def run_protocol(
     if phase != "test":
         for number, (method, config, seed) in enumerate(grid_runs):
             path = store.grid_path(method, config, seed)
-            if number % count != index or os.path.exists(path):
+            if os.path.exists(path) or not mine(number, path):
                 continue
             log(f"grid {number + 1}/{len(grid_runs)}: {method} {config_id(config)} seed {seed} (validation)")
             record = train_and_evaluate(method, dict(config), seed, "validation")
             write_json(path, {**record, "method": method, "config": config, "seed": seed, "split": "validation"})
     selection = select(load_grid_runs(store, grid, grid_seeds), grid)
-    if count == 1 or phase == "test":  # a grid shard sees the other shards' runs only once all have finished
+    if (count == 1 and claim is None) or phase == "test":  # a grid shard sees the others' runs once all finished
         write_json(store.selection_path, selection)
     if phase == "grid":
         return selection
     # Seed by seed: a test phase stopped part-way leaves every method at the same finished seeds (paired).
     test_runs = [(m, s) for s in seeds for m in grid]
     for number, (method, seed) in enumerate(test_runs):
-        if number % count != index:
+        if claim is None and number % count != index:
             continue
         if method not in selection:  # only when a grid run failed to appear: never fall back to another choice
             log(f"{method}: grid incomplete, no test run for seed {seed}")
@@ -491,6 +515,8 @@ def run_protocol(
                     f"{config_id(config)}; move the file away (or use another --output_dir) to run the new selection."
                 )
             log(f"test: {method} seed {seed}: the run copied from {record['copied_from']} is at another configuration")
+        if claim is not None and not claim(path):
+            continue
         log(f"test: {method} {config_id(config)} seed {seed}")
         record = train_and_evaluate(method, dict(config), seed, "test")
         write_json(path, {**record, "method": method, "config": config, "seed": seed, "split": "test"})

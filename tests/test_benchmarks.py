@@ -247,6 +247,54 @@ def test_shards_split_each_phase_into_disjoint_parts_that_cover_it(tmp_path):
     }
 
 
+def test_workers_sharing_a_claims_folder_take_each_run_still_to_do_once_and_none_idles(tmp_path):
+    import threading
+    import time
+
+    protocol = load("quality_protocol")
+    grids = {m: c for m, c in protocol.grids().items() if m in ("sft", "uniapl")}
+    best = {"sft": 1, "uniapl": 0}
+    store = protocol.RunStore(str(tmp_path / "regime"))
+    finished = FakeRuns(protocol, store, best)
+    protocol.run_protocol(store, grids, finished, [0], [0], phase="grid", log=lambda _: None)
+    protocol.run_protocol(store, grids, finished, [0], [0], phase="test", log=lambda _: None)  # seed 0: on disk
+
+    class Slow(FakeRuns):
+        def __call__(self, method, config, seed, split):
+            time.sleep(0.05 if method == "uniapl" else 0.01)  # runs of different lengths
+            return super().__call__(method, config, seed, split)
+
+    workers = [Slow(protocol, store, best) for _ in range(2)]
+    claims = tmp_path / "claims"
+    claims.mkdir()
+    threads = [
+        threading.Thread(
+            target=protocol.run_protocol,
+            args=(store, grids, worker, [0], [0, 1, 2, 3]),
+            kwargs={
+                "phase": "test",
+                "shard": (index, 2),
+                "claim": protocol.claimer(str(claims)),
+                "log": lambda _: None,
+            },
+        )  # fmt: skip
+        for index, worker in enumerate(workers)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    calls = [call for worker in workers for call in worker.calls]
+    assert sorted((c[0], c[2]) for c in calls) == sorted((m, s) for m in grids for s in (1, 2, 3))  # once each
+    # A worker takes whatever no other worker has claimed, whatever its shard index: alone, the second of two takes
+    # seed 4 of both methods (a fixed every-second-run split would give it uniapl's only).
+    alone = FakeRuns(protocol, store, best)
+    (tmp_path / "claims4").mkdir()
+    protocol.run_protocol(store, grids, alone, [0], [0, 1, 2, 3, 4], phase="test", shard=(1, 2),
+                          claim=protocol.claimer(str(tmp_path / "claims4")), log=lambda _: None)  # fmt: skip
+    assert sorted((c[0], c[2]) for c in alone.calls) == [("sft", 4), ("uniapl", 4)]
+
+
 def test_bootstrap_ci_over_seeds_and_prompts_on_toy_input():
     stats = load("quality_stats")
     n = 400

@@ -369,8 +369,9 @@ def test_quality_quick_end_to_end_resumes_and_reports(tmp_path, student_cache):
     assert {path: path.stat().st_mtime_ns for path in runs} == mtimes
 
     # The switch-point regime starts from this selection: the runs at the base grid's own switch are copied from it,
-    # the other switch points (and the one-run staged trainer at λ = 0) train.
-    switch = quality.main([*argv, "--regime", "switch_points", "--base", "default"])
+    # the other switch points (and the one-run staged trainer at λ = 0) train; with --jobs the parent copies them
+    # before its workers queue the runs still to do.
+    switch = quality.main([*argv, "--regime", "switch_points", "--base", "default", "--jobs", "2"])
     switch_root = tmp_path / "switch_points-default-quick"
     assert switch["complete"] and "sft_then_grpo_switch25" in switch["results"]
     for method in ("uniapl", "sft_then_grpo", "sft_then_agrpo"):

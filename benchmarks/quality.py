@@ -35,7 +35,7 @@ progress. Every regime records the SHA-256 of its student (`student.sha256`) and
 variant regime copies the base regime's runs of its reference configurations only when both ran on the same student.
 
     python benchmarks/quality.py --regime default                  # 256 demonstrations, 512 prompts, dense reward
-    python benchmarks/quality.py --regime scarce                   # 48 demonstrations, 1,024 prompts
+    python benchmarks/quality.py --regime scarce                   # 128 demonstrations, 1,024 prompts
     python benchmarks/quality.py --regime sparse                   # all-or-nothing IFEval reward
     python benchmarks/quality.py --regime lambda_sweep --base default   # λ values and the Lagrangian mode
     python benchmarks/quality.py --regime discriminators --base default # online, frozen, reference-conditioned

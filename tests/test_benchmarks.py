@@ -56,8 +56,10 @@ def test_validation_split_is_disjoint_from_test_and_training_with_both_held_out_
 
 def test_scarce_regime_fits_the_prompts_make_splits_can_draw():
     protocol = load("quality_protocol")
-    scarce = protocol.REGIMES["scarce"]
-    assert 32 <= scarce["num_demonstrations"] <= 64 and scarce["num_preference"] >= 1024
+    scarce, default = protocol.REGIMES["scarce"], protocol.REGIMES["default"]
+    # Fewer demonstrations and more prompts than the default: at most one demonstration per 8 prompts.
+    assert scarce["num_demonstrations"] < default["num_demonstrations"] and scarce["num_preference"] >= 1024
+    assert scarce["num_preference"] >= 8 * scarce["num_demonstrations"]
     available = protocol.count_training_prompts()
     assert available > scarce["num_demonstrations"] + scarce["num_preference"]
 

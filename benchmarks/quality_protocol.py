@@ -289,8 +289,8 @@ REGIMES: dict[str, dict[str, Any]] = {
     "default": {"num_demonstrations": 256, "num_preference": 512, "reward": "dense"},
     # Scarce demonstrations: half the default's demonstrations and twice its prompts, one demonstration per 8 prompts
     # (the default: one per 2), so the expert signal reaches most prompts only through what the policy learns from
-    # few. 128, not fewer: at 48 no method learned in 200 steps (best 11.0% against 4.5% untrained, docs/benchmarks.md
-    # "The scarce regime"), a benchmark without power.
+    # few. 128, not fewer: at 48 no method learned in 200 steps (best 11.0% against 4.5% untrained; docs/benchmarks.md,
+    # "The validation grids"), a benchmark without power.
     "scarce": {"num_demonstrations": 128, "num_preference": 1024, "reward": "dense"},
     # IFEval's all-or-nothing reward: most groups tie, GRPO alone gets little signal.
     "sparse": {"num_demonstrations": 256, "num_preference": 512, "reward": "strict"},

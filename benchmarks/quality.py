@@ -636,7 +636,7 @@ def run_in_processes(argv: list[str], args, store: protocol.RunStore, grid, grid
             )
         if phase == "grid":  # the grid shards each saw only part of the grid: select once all are finished
             selection = protocol.select(protocol.load_grid_runs(store, grid, grid_seeds), grid)
-            protocol.write_json(store.selection_path, selection)
+            store.write_selection(selection, grid)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -363,6 +363,15 @@ class RunStore:
     def selection_path(self) -> str:
         return os.path.join(self.root, "selection.json")
 
+    def write_selection(self, selection: Mapping[str, Any], grid: Mapping[str, list[dict]]) -> None:
+        """Write `selection` (chosen over `grid`) to `selection.json`, keeping the recorded selection of every method
+        outside `grid`: a `--methods` run of some methods (the scarce regime's variants after its core methods) adds
+        to the selection instead of dropping the others'."""
+        kept = {}
+        if os.path.exists(self.selection_path):
+            kept = {m: entry for m, entry in read_json(self.selection_path).items() if m not in grid}
+        write_json(self.selection_path, {**kept, **selection})
+
     def recorded_student(self) -> str | None:
         """The student SHA-256 the runs here were made on (`student.sha256`; the default regime's older test phase
         recorded it as `test_student.sha256`), or None where none was recorded."""
@@ -493,7 +502,7 @@ def run_protocol(
             write_json(path, {**record, "method": method, "config": config, "seed": seed, "split": "validation"})
     selection = select(load_grid_runs(store, grid, grid_seeds), grid)
     if (count == 1 and claim is None) or phase == "test":  # a grid shard sees the others' runs once all finished
-        write_json(store.selection_path, selection)
+        store.write_selection(selection, grid)
     if phase == "grid":
         return selection
     # Seed by seed: a test phase stopped part-way leaves every method at the same finished seeds (paired).

@@ -226,6 +226,29 @@ def test_resume_skips_finished_runs_and_report_marks_pending_cells(tmp_path):
         store.check_settings({"steps": 20})
 
 
+def test_a_run_of_some_methods_adds_to_the_recorded_selection(tmp_path):
+    # The scarce regime ran its core methods first, then `--methods uniapl_no_disc luffy`: the second run must not
+    # drop the first one's selections.
+    protocol = load("quality_protocol")
+    grids = protocol.grids()
+    store = protocol.RunStore(str(tmp_path))
+    first = {m: grids[m] for m in ("sft", "uniapl")}
+    protocol.run_protocol(store, first, FakeRuns(protocol, store, {"sft": 2, "uniapl": 1}), [0], [0],
+                          phase="grid", log=lambda _: None)  # fmt: skip
+    second = {"luffy": grids["luffy"]}
+    protocol.run_protocol(store, second, FakeRuns(protocol, store, {"luffy": 3}), [0], [0], log=lambda _: None)
+    recorded = protocol.read_json(store.selection_path)
+    assert sorted(recorded) == ["luffy", "sft", "uniapl"]
+    assert recorded["sft"]["config"] == grids["sft"][2] and recorded["luffy"]["config"] == grids["luffy"][3]
+    # A method run again is selected anew, from its own grid runs: its best point, retrained, now scores 0.2 and the
+    # last point (0.25) wins.
+    os.remove(store.grid_path("sft", grids["sft"][2], 0))
+    protocol.run_protocol(store, {"sft": grids["sft"]}, FakeRuns(protocol, store, {"sft": 0}), [0], [0],
+                          phase="grid", log=lambda _: None)  # fmt: skip
+    recorded = protocol.read_json(store.selection_path)
+    assert sorted(recorded) == ["luffy", "sft", "uniapl"] and recorded["sft"]["config"] == grids["sft"][3]
+
+
 def test_shards_split_each_phase_into_disjoint_parts_that_cover_it(tmp_path):
     protocol = load("quality_protocol")
     grids = {m: c for m, c in protocol.grids().items() if m in ("sft", "grpo", "uniapl")}

@@ -227,8 +227,8 @@ def test_resume_skips_finished_runs_and_report_marks_pending_cells(tmp_path):
 
 
 def test_a_run_of_some_methods_adds_to_the_recorded_selection(tmp_path):
-    # The scarce regime ran its core methods first, then `--methods uniapl_no_disc luffy`: the second run must not
-    # drop the first one's selections.
+    # The scarce regime ran its core methods first, then `--methods luffy`: the second run must not drop the first
+    # one's selections.
     protocol = load("quality_protocol")
     grids = protocol.grids()
     store = protocol.RunStore(str(tmp_path))

@@ -131,8 +131,8 @@ class UniAPLConfig(GRPOConfig):
             initialised score head does not steer the policy. 16 steps give at least 4 updates whenever
             `num_iterations` ≤ 4 (one update per generation batch). On the embedded task with the SFT term's own
             batch (docs/method.md) the discriminator left chance (balanced accuracy ≥ 0.6 over two updates) at its
-            7th update on one seed and not within 10 on the other; λ adds nothing measurable there at any warm-up
-            (docs/benchmarks.md), so the default stays the one the quality benchmark ran with.
+            7th update on one seed and not within 10 on the other. λ adds nothing measurable there
+            (docs/benchmarks.md), so the default stays the one every quality benchmark run used.
         discriminator_label_smoothing (`float`, *optional*, defaults to `0.0`):
             Label smoothing ε. `"bce"`: one-sided, the expert target is `1 - ε`. `"bt"`: each pair's preference
             label is `1 - ε` (conservative Bradley–Terry).

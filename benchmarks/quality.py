@@ -31,7 +31,9 @@ comparison; each run's JSON records the demonstrations it read, the completions 
 
 Sampling methods draw `num_generations` = 8 completions per prompt, with the same generation batch. Runs are written
 one file each as they finish; rerunning the same command skips them, so a killed session loses at most the run in
-progress. Every regime records the SHA-256 of its student (`student.sha256`) and refuses runs made on another; a
+progress, and a regime whose runs are all on disk only rebuilds its report. Without `--methods` a base regime runs the
+methods tuned over a grid of their own there (`quality_protocol.REGIME_METHODS`); the other variants run at UniAPL's
+selection in the variant regimes. Every regime records the SHA-256 of its student (`student.sha256`) and refuses runs made on another; a
 variant regime copies the base regime's runs of its reference configurations only when both ran on the same student.
 
     python benchmarks/quality.py --regime default                  # 256 demonstrations, 512 prompts, dense reward
@@ -571,7 +573,7 @@ def regime_grid(args, settings) -> dict[str, list[dict[str, Any]]]:
         if base_settings != settings:
             raise SystemExit(f"The base regime in {base} ran with other settings; use the same --steps/--set.")
         variants = protocol.VARIANT_REGIMES[args.regime](selection)
-        if set(args.methods) != set(METHODS):  # --methods given: only the variants of those names
+        if args.methods is not None:  # only the variants of those names
             unknown = sorted(set(args.methods) - set(variants))
             if unknown:
                 raise SystemExit(
@@ -579,11 +581,12 @@ def regime_grid(args, settings) -> dict[str, list[dict[str, Any]]]:
                 )
             variants = {name: configs for name, configs in variants.items() if name in args.methods}
         return variants
-    unknown = sorted(set(args.methods) - set(METHODS))
+    methods = args.methods if args.methods is not None else protocol.REGIME_METHODS[args.regime]
+    unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         raise SystemExit(f"--methods {unknown}: unknown; choose from {list(METHODS)}.")
     grid = protocol.grids(args.regime)
-    return {method: grid[method] for method in args.methods}
+    return {method: grid[method] for method in methods}
 
 
 def _without_options(argv: list[str], options: dict[str, int]) -> list[str]:
@@ -672,9 +675,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--methods",
         nargs="+",
-        default=list(METHODS),
-        help=f"Methods to run ({', '.join(METHODS)}); in a variant regime, the names of its variants (e.g. "
-        "sft_then_agrpo_switch25).",
+        default=None,
+        help=f"Methods to run ({', '.join(METHODS)}); default: those with a grid of their own in the regime "
+        "(`quality_protocol.REGIME_METHODS`; the others run at UniAPL's selection in the variant regimes). In a "
+        "variant regime, the names of its variants (e.g. sft_then_agrpo_switch25); default: all of them.",
     )
     parser.add_argument("--output_dir", default="benchmarks/results/quality_protocol", help="Parent of the regimes.")
     parser.add_argument(
@@ -703,6 +707,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "grid_size": protocol.GRID_SIZE,
     }
     reference_path = os.path.join(store.root, "reference.json")
+    # Every run on disk (a committed regime, rerun from a clone): nothing to train, so no student to build or check;
+    # the report is rebuilt from the runs as they are.
+    if not args.report and protocol.finished(store, grid, grid_seeds, seeds):
+        store.check_settings(settings)  # the runs' settings.json exists: a rerun with other settings is still refused
+        print(f"{store.root}: every run is finished; rebuilding the report only", flush=True)
+        args.report = True
     if args.report:
         if os.path.exists(reference_path):
             extra["reference"] = protocol.read_json(reference_path)

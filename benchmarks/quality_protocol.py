@@ -297,6 +297,17 @@ REGIMES: dict[str, dict[str, Any]] = {
 }
 
 
+# The methods `--regime NAME` runs when `--methods` is not given: those tuned over a grid of their own in that regime.
+# `uniapl_fixed_ref` shares UniAPL's grid and runs at UniAPL's selection in the `discriminators` variant regime; in the
+# scarce regime so does `uniapl_no_disc` (λ 0 of the `lambda_sweep` regime). Issue 21 allows the variants to run with
+# seeds only at UniAPL's selected configuration when the machine cannot hold every grid.
+REGIME_METHODS: dict[str, tuple[str, ...]] = {
+    "default": tuple(m for m in METHODS if m != "uniapl_fixed_ref"),
+    "scarce": (*CORE_METHODS, "luffy"),
+    "sparse": tuple(m for m in METHODS if m != "uniapl_fixed_ref"),
+}
+
+
 def make_protocol_splits(
     seed: int, num_demonstrations: int, num_preference: int, num_validation: int, num_test: int
 ) -> dict[str, Any]:
@@ -438,6 +449,21 @@ def load_grid_runs(store: RunStore, grid: Mapping[str, list[dict]], grid_seeds: 
             if len(records) == len(grid_seeds):
                 runs.setdefault(method, {})[config_id(config)] = records
     return runs
+
+
+def finished(store: RunStore, grid: Mapping[str, list[dict]], grid_seeds: Sequence[int], seeds: Sequence[int]) -> bool:
+    """Whether every run of `grid` is on disk: each point of a method with several configurations, and each test seed
+    at the configuration its grid runs select (a regime completed on another machine: nothing left to train)."""
+    runs = load_grid_runs(store, grid, grid_seeds)
+    if any(len(configs) > 1 and len(runs.get(method, {})) < len(configs) for method, configs in grid.items()):
+        return False
+    selection = select(runs, grid)
+    return all(
+        os.path.exists(path := store.test_path(method, seed))
+        and read_json(path).get("config") == selection[method]["config"]
+        for method in grid
+        for seed in seeds
+    )
 
 
 def claimer(directory: str) -> Callable[[str], bool]:

@@ -1,5 +1,6 @@
 """End-to-end runs of the two benchmarks in their smallest settings (pipeline and outputs, not the ranking)."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -247,6 +248,57 @@ def test_a_run_of_some_methods_adds_to_the_recorded_selection(tmp_path):
                           phase="grid", log=lambda _: None)  # fmt: skip
     recorded = protocol.read_json(store.selection_path)
     assert sorted(recorded) == ["luffy", "sft", "uniapl"] and recorded["sft"]["config"] == grids["sft"][3]
+
+
+def test_finished_is_true_exactly_when_every_grid_and_test_run_is_on_disk(tmp_path):
+    # `quality.py` rebuilds only the report of a finished regime (no student to build or check): a regime committed
+    # from another machine's student reruns from a clone without being refused.
+    protocol = load("quality_protocol")
+    grids = {m: c for m, c in protocol.grids().items() if m in ("sft", "uniapl")}
+    store = protocol.RunStore(str(tmp_path))
+    assert not protocol.finished(store, grids, [0], [0, 1])
+    protocol.run_protocol(store, grids, FakeRuns(protocol, store, {"sft": 1, "uniapl": 2}), [0], [0, 1],
+                          phase="grid", log=lambda _: None)  # fmt: skip
+    assert not protocol.finished(store, grids, [0], [0, 1])
+    protocol.run_protocol(store, grids, FakeRuns(protocol, store, {"sft": 1, "uniapl": 2}), [0], [0, 1],
+                          log=lambda _: None)  # fmt: skip
+    assert protocol.finished(store, grids, [0], [0, 1])
+    assert not protocol.finished(store, grids, [0], [0, 1, 2])  # a seed more is still to do
+    record = protocol.read_json(store.test_path("sft", 1))
+    protocol.write_json(store.test_path("sft", 1), {**record, "config": grids["sft"][0]})  # not the selection's
+    assert not protocol.finished(store, grids, [0], [0, 1])
+
+
+def test_a_base_regime_runs_its_own_grids_by_default_and_the_committed_regimes_hold_every_method():
+    protocol, quality = load("quality_protocol"), load("quality")
+    for regime, methods in protocol.REGIME_METHODS.items():
+        grid = quality.regime_grid(argparse.Namespace(regime=regime, methods=None), {})
+        assert list(grid) == list(methods) and "uniapl_fixed_ref" not in grid
+    assert set(protocol.REGIME_METHODS["scarce"]) == {*protocol.CORE_METHODS, "luffy"}
+    # `python benchmarks/quality.py --regime default` (and scarce) finds every run of its methods on disk, and the
+    # variants it leaves out ran at UniAPL's selection in a variant regime on the same student, 5 test seeds each.
+    results = os.path.join(BENCHMARKS, "results", "quality_protocol")
+    variants = {"default": {"discriminators-default": ("uniapl_fixed_ref", "uniapl_frozen_disc")},
+                "scarce": {"discriminators-scarce": ("uniapl_fixed_ref", "uniapl_frozen_disc"),
+                           "lambda_sweep-scarce": ("uniapl_lambda0",)}}  # fmt: skip
+    for regime in ("default", "scarce"):
+        methods = protocol.REGIME_METHODS[regime]
+        store = protocol.RunStore(os.path.join(results, regime))
+        selection = protocol.read_json(store.selection_path)
+        for method in methods:
+            assert not selection[method].get("single_configuration"), (regime, method)
+            for config in protocol.grids(regime)[method]:
+                assert os.path.exists(store.grid_path(method, config, 0)), (regime, method, config)
+            for seed in range(5):
+                assert protocol.read_json(store.test_path(method, seed))["config"] == selection[method]["config"]
+        uniapl = selection["uniapl"]["config"]
+        for folder, names in variants[regime].items():
+            variant_store = protocol.RunStore(os.path.join(results, folder))
+            assert variant_store.recorded_student() == store.recorded_student(), folder
+            for name in names:
+                for seed in range(5):
+                    config = protocol.read_json(variant_store.test_path(name, seed))["config"]
+                    assert {k: config[k] for k in uniapl} == uniapl, (folder, name)
 
 
 def test_shards_split_each_phase_into_disjoint_parts_that_cover_it(tmp_path):

@@ -33,8 +33,9 @@ Sampling methods draw `num_generations` = 8 completions per prompt, with the sam
 one file each as they finish; rerunning the same command skips them, so a killed session loses at most the run in
 progress, and a regime whose runs are all on disk only rebuilds its report. Without `--methods` a base regime runs the
 methods tuned over a grid of their own there (`quality_protocol.REGIME_METHODS`); the other variants run at UniAPL's
-selection in the variant regimes. Every regime records the SHA-256 of its student (`student.sha256`) and refuses runs made on another; a
-variant regime copies the base regime's runs of its reference configurations only when both ran on the same student.
+selection in the variant regimes. Every regime records the SHA-256 of its student (`student.sha256`) and refuses runs
+made on another; a variant regime copies the base regime's runs of its reference configurations only when both ran on
+the same student.
 
     python benchmarks/quality.py --regime default                  # 256 demonstrations, 512 prompts, dense reward
     python benchmarks/quality.py --regime scarce                   # 128 demonstrations, 1,024 prompts

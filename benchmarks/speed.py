@@ -244,8 +244,9 @@ def build_trainer(kind, model_path, tokenizer, splits, settings, seed, output_di
     grpo = dict(per_device_train_batch_size=settings["per_device_train_batch_size"],
                 num_generations=settings["num_generations"], max_completion_length=length,
                 generation_kwargs={"min_new_tokens": length}, temperature=1.0, beta=0.0)  # fmt: skip
-    prompts_per_batch = settings["per_device_train_batch_size"] // settings["num_generations"]
-    demonstrations_per_step = min(max(round(0.5 * prompts_per_batch), 1), prompts_per_batch - 1)
+    # The demonstrations UniAPL's SFT term reads per step (its own batch, `sft_per_device_train_batch_size`): the SFT
+    # trainer compared with it reads as many.
+    demonstrations_per_step = UniAPLConfig.__dataclass_fields__["sft_per_device_train_batch_size"].default
     if kind == "grpo":
         prompts = concatenate_datasets(
             [

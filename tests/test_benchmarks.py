@@ -409,9 +409,10 @@ def test_bootstrap_ci_over_seeds_and_prompts_on_toy_input():
 def test_quality_quick_end_to_end_resumes_and_reports(tmp_path, student_cache):
     quality, stats = load("quality"), load("quality_stats")
     methods = quality.available_methods()  # uniapl_fixed_ref only once UniAPLConfig has `reference_scorer`
-    argv = ["--quick", "--student_fast", "--student_cache", student_cache, "--output_dir", str(tmp_path),
-            "--num_bootstrap", "50", "--methods", *methods, "--set", "num_validation=12", "num_test=12",
-            "eval_max_new_tokens=12", "max_completion_length=12"]  # fmt: skip
+    common = ["--quick", "--student_fast", "--student_cache", student_cache, "--output_dir", str(tmp_path),
+              "--num_bootstrap", "50", "--set", "num_validation=12", "num_test=12", "eval_max_new_tokens=12",
+              "max_completion_length=12"]  # fmt: skip
+    argv = [*common, "--methods", *methods]  # every method, uniapl_fixed_ref too (not in REGIME_METHODS["default"])
     out = quality.main(argv)
     root = tmp_path / "default-quick"
     for name in (
@@ -448,7 +449,7 @@ def test_quality_quick_end_to_end_resumes_and_reports(tmp_path, student_cache):
     # The switch-point regime starts from this selection: the runs at the base grid's own switch are copied from it,
     # the other switch points (and the one-run staged trainer at λ = 0) train; with --jobs the parent copies them
     # before its workers queue the runs still to do.
-    switch = quality.main([*argv, "--regime", "switch_points", "--base", "default", "--jobs", "2"])
+    switch = quality.main([*common, "--regime", "switch_points", "--base", "default", "--jobs", "2"])
     switch_root = tmp_path / "switch_points-default-quick"
     assert switch["complete"] and "sft_then_grpo_switch25" in switch["results"]
     for method in ("uniapl", "sft_then_grpo", "sft_then_agrpo"):

@@ -301,10 +301,11 @@ REGIMES: dict[str, dict[str, Any]] = {
 # `uniapl_fixed_ref` shares UniAPL's grid and runs at UniAPL's selection in the `discriminators` variant regime; in the
 # scarce regime so does `uniapl_no_disc` (λ 0 of the `lambda_sweep` regime). Issue 21 allows the variants to run with
 # seeds only at UniAPL's selected configuration when the machine cannot hold every grid.
+_OWN_GRID_METHODS = tuple(m for m in METHODS if m != "uniapl_fixed_ref")
 REGIME_METHODS: dict[str, tuple[str, ...]] = {
-    "default": tuple(m for m in METHODS if m != "uniapl_fixed_ref"),
+    "default": _OWN_GRID_METHODS,
     "scarce": (*CORE_METHODS, "luffy"),
-    "sparse": tuple(m for m in METHODS if m != "uniapl_fixed_ref"),
+    "sparse": _OWN_GRID_METHODS,
 }
 
 
